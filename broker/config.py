@@ -1,0 +1,150 @@
+"""The broker's configuration: one TOML file, secrets only from the environment."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from broker.errors import ConfigError
+
+DEV_ISSUER = "urn:broker:development"
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    issuer: str = ""
+    jwks_url: str = ""
+    algorithms: tuple[str, ...] = ("RS256", "ES256", "PS256", "EdDSA")
+    leeway_seconds: int = 30
+    required_scopes: tuple[str, ...] = ()
+    groups_claim: str = "groups"
+    client_claim: str = "azp"
+    # How long fetched keys are trusted, and how often an unknown `kid` may
+    # cause a refetch: the second bound is what stops a flood of forged
+    # tokens from turning into a flood of requests to the identity provider.
+    jwks_cache_seconds: int = 3600
+    jwks_refetch_cooldown_seconds: int = 30
+    jwks_timeout_seconds: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    type: str = "sqlite"
+    path: str = "broker-state.db"
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    resource: str
+    host: str = "127.0.0.1"
+    port: int = 8400
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+    policy_dir: Path = Path("cedar_policies")
+    manifest_dir: Path = Path("tool_manifests")
+    call_timeout_seconds: float = 30.0
+    development: bool = False
+    dev_key_path: Path = Path(".broker-dev/signing-key.pem")
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+
+    @property
+    def metadata_url(self) -> str:
+        """RFC 9728 protected resource metadata URL for ``resource``."""
+        parts = urlsplit(self.resource)
+        path = parts.path.rstrip("/")
+        return f"{parts.scheme}://{parts.netloc}/.well-known/oauth-protected-resource{path}"
+
+    @property
+    def trusted_issuers(self) -> tuple[str, ...]:
+        issuers = [self.auth.issuer] if self.auth.issuer else []
+        if self.development:
+            issuers.append(DEV_ISSUER)
+        return tuple(issuers)
+
+
+def load_config(path: Path) -> BrokerConfig:
+    """Read and check ``path``; every problem is a ConfigError naming the key."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {path} is not valid TOML: {exc}") from exc
+    return config_from_dict(raw, base=path.parent)
+
+
+def config_from_dict(raw: dict[str, Any], base: Path = Path()) -> BrokerConfig:
+    broker = _table(raw, "broker")
+    auth = _table(raw, "auth")
+    store = _table(raw, "store")
+    _reject_unknown(raw, {"broker", "auth", "store"}, "top level")
+    _reject_unknown(
+        broker, set(BrokerConfig.__dataclass_fields__) - {"auth", "store"}, "[broker]"
+    )
+    _reject_unknown(auth, set(AuthConfig.__dataclass_fields__), "[auth]")
+    _reject_unknown(store, set(StoreConfig.__dataclass_fields__), "[store]")
+    if "audience_check" in auth or "verify_audience" in auth:
+        raise ConfigError("audience checking cannot be switched off")
+
+    resource = broker.get("resource")
+    if not isinstance(resource, str) or not resource.startswith(
+        ("https://", "http://")
+    ):
+        raise ConfigError("[broker] resource must be the broker's canonical https URL")
+    parts = urlsplit(resource)
+    if parts.fragment:
+        raise ConfigError("[broker] resource must not contain a fragment (RFC 8707)")
+
+    auth_fields: dict[str, Any] = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in auth.items()
+    }
+    try:
+        auth_cfg = AuthConfig(**auth_fields)
+    except TypeError as exc:
+        raise ConfigError(f"bad [auth] table: {exc}") from exc
+    development = bool(broker.get("development", False))
+    if not development and not (auth_cfg.issuer and auth_cfg.jwks_url):
+        raise ConfigError("[auth] issuer and jwks_url are required outside development")
+    bad_algs = set(auth_cfg.algorithms) & {"none", "HS256", "HS384", "HS512"}
+    if bad_algs:
+        raise ConfigError(
+            f"[auth] algorithms may not include {sorted(bad_algs)}: "
+            "only asymmetric signatures are accepted"
+        )
+
+    store_cfg = StoreConfig(**store)
+    if store_cfg.type != "sqlite":
+        raise ConfigError(f"[store] type {store_cfg.type!r} is not supported")
+
+    default_host = parts.netloc
+    fields: dict[str, Any] = dict(broker)
+    fields["allowed_hosts"] = tuple(broker.get("allowed_hosts", [default_host]))
+    fields["allowed_origins"] = tuple(broker.get("allowed_origins", []))
+    for key in ("policy_dir", "manifest_dir", "dev_key_path"):
+        if key in fields:
+            fields[key] = base / str(fields[key])
+        else:
+            fields[key] = base / BrokerConfig.__dataclass_fields__[key].default  # type: ignore[operator]
+    if not Path(store_cfg.path).is_absolute():
+        store_cfg = StoreConfig(type=store_cfg.type, path=str(base / store_cfg.path))
+    try:
+        return BrokerConfig(**fields, auth=auth_cfg, store=store_cfg)
+    except TypeError as exc:
+        raise ConfigError(f"bad configuration: {exc}") from exc
+
+
+def _table(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    value = raw.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    return value
+
+
+def _reject_unknown(table: dict[str, Any], known: set[str], where: str) -> None:
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in {where}: {', '.join(unknown)}")

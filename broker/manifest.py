@@ -1,0 +1,246 @@
+"""Tool manifests: what each downstream server is and what its tools may do.
+
+One JSON file per server in the manifest directory. A manifest says how to
+reach the server, which credential the broker presents to it, and the tools
+it may offer: each with a pin (a hash of its description and input schema)
+and the attributes that policies read (privilege, risk, open world,
+destructive). A tool the server offers that is not here, or whose pin no
+longer matches, is quarantined.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from broker.errors import ConfigError
+
+SERVER_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
+PRIVILEGES = ("read", "write", "admin")
+RISKS = ("low", "medium", "high")
+SEPARATOR = "."
+
+
+def pin_of(description: str | None, input_schema: Mapping[str, Any]) -> str:
+    """The pin of a tool definition: what the agent's model reads and sends."""
+    canonical = json.dumps(
+        {"description": description or "", "input_schema": input_schema},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    """A tool as the operator pinned it."""
+
+    server: str
+    name: str
+    pin: str
+    description: str = ""
+    input_schema: Mapping[str, Any] = field(default_factory=dict)
+    privilege: str = "read"
+    risk: str = "low"
+    open_world: bool = False
+    destructive: bool = False
+
+    @property
+    def qualified_name(self) -> str:
+        """The name agents see: ``server.tool``."""
+        return f"{self.server}{SEPARATOR}{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class Transport:
+    kind: Literal["stdio", "http"]
+    command: str = ""
+    args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    # Names of the broker's environment variables a stdio server may see;
+    # nothing else of the broker's environment is passed on.
+    passthrough: tuple[str, ...] = ()
+    url: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """What the broker presents downstream. Never the agent's token."""
+
+    kind: Literal["none", "env", "client_credentials"]
+    # "env": the secret's environment variable, and how it is presented.
+    variable: str = ""
+    header: str = "Authorization"
+    scheme: str = "Bearer"
+    # "client_credentials": an OAuth token fetched by the broker itself.
+    token_url: str = ""
+    client_id: str = ""
+    client_secret_variable: str = ""
+    audience: str = ""
+    scope: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    server: str
+    transport: Transport
+    credential: Credential
+    tools: Mapping[str, ToolSpec]
+    description: str = ""
+    path: Path | None = None
+
+
+def load_manifests(directory: Path) -> dict[str, Manifest]:
+    """Every ``*.json`` in ``directory``; a problem is a ConfigError naming the file."""
+    if not directory.is_dir():
+        raise ConfigError(f"manifest directory {directory} does not exist")
+    manifests: dict[str, Manifest] = {}
+    for path in sorted(directory.glob("*.json")):
+        manifest = load_manifest(path)
+        if manifest.server in manifests:
+            raise ConfigError(f"{path}: server {manifest.server!r} is declared twice")
+        manifests[manifest.server] = manifest
+    return manifests
+
+
+def load_manifest(path: Path) -> Manifest:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read manifest {path}: {exc.strerror}") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"manifest {path} is not valid JSON: {exc}") from exc
+    try:
+        return manifest_from_dict(raw, path)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"manifest {path}: {exc}") from exc
+
+
+def manifest_from_dict(raw: Mapping[str, Any], path: Path | None = None) -> Manifest:
+    server = raw["server"]
+    if not isinstance(server, str) or not SERVER_NAME.match(server):
+        raise ValueError(f"server name {server!r} must match {SERVER_NAME.pattern}")
+    tools_raw = raw.get("tools", {})
+    if not isinstance(tools_raw, dict):
+        raise TypeError("'tools' must be an object keyed by tool name")
+    tools = {name: _tool(server, name, spec) for name, spec in tools_raw.items()}
+    return Manifest(
+        server=server,
+        transport=_transport(raw["transport"]),
+        credential=_credential(raw.get("credential", {"type": "none"})),
+        tools=tools,
+        description=str(raw.get("description", "")),
+        path=path,
+    )
+
+
+def manifest_to_dict(manifest: Manifest, previous: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest as JSON, keeping what ``previous`` said of everything but tools."""
+    out = dict(previous)
+    out["server"] = manifest.server
+    out["tools"] = {
+        spec.name: {
+            "pin": spec.pin,
+            "privilege": spec.privilege,
+            "risk": spec.risk,
+            "open_world": spec.open_world,
+            "destructive": spec.destructive,
+            "description": spec.description,
+            "input_schema": dict(spec.input_schema),
+        }
+        for spec in sorted(manifest.tools.values(), key=lambda t: t.name)
+    }
+    return out
+
+
+def _tool(server: str, name: str, spec: Mapping[str, Any]) -> ToolSpec:
+    if not isinstance(spec, dict):
+        raise TypeError(f"tool {name!r} must be an object")
+    pin = spec["pin"]
+    if not isinstance(pin, str) or not pin.startswith("sha256:"):
+        raise ValueError(f"tool {name!r}: pin must be 'sha256:<hex>'")
+    privilege = spec.get("privilege", "read")
+    if privilege not in PRIVILEGES:
+        raise ValueError(f"tool {name!r}: privilege must be one of {PRIVILEGES}")
+    risk = spec.get("risk", "low")
+    if risk not in RISKS:
+        raise ValueError(f"tool {name!r}: risk must be one of {RISKS}")
+    schema = spec.get("input_schema", {})
+    if not isinstance(schema, dict):
+        raise TypeError(f"tool {name!r}: input_schema must be an object")
+    return ToolSpec(
+        server=server,
+        name=name,
+        pin=pin,
+        description=str(spec.get("description", "")),
+        input_schema=schema,
+        privilege=privilege,
+        risk=risk,
+        open_world=_bool(spec, "open_world", name),
+        destructive=_bool(spec, "destructive", name),
+    )
+
+
+def _bool(spec: Mapping[str, Any], key: str, name: str) -> bool:
+    value = spec.get(key, False)
+    if not isinstance(value, bool):
+        raise TypeError(f"tool {name!r}: {key} must be true or false")
+    return value
+
+
+def _transport(raw: Mapping[str, Any]) -> Transport:
+    kind = raw["type"]
+    if kind == "stdio":
+        args = raw.get("args", [])
+        env = raw.get("env", {})
+        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+            raise TypeError("transport.args must be a list of strings")
+        passthrough = raw.get("passthrough", [])
+        if not isinstance(env, dict):
+            raise TypeError("transport.env must be an object")
+        if not isinstance(passthrough, list):
+            raise TypeError("transport.passthrough must be a list of variable names")
+        return Transport(
+            kind="stdio",
+            command=str(raw["command"]),
+            args=tuple(args),
+            env={str(k): str(v) for k, v in env.items()},
+            passthrough=tuple(str(v) for v in passthrough),
+        )
+    if kind == "http":
+        url = str(raw["url"])
+        if not url.startswith(("http://", "https://")):
+            raise ValueError("transport.url must be an http(s) URL")
+        return Transport(kind="http", url=url)
+    raise ValueError(f"transport.type {kind!r} must be 'stdio' or 'http'")
+
+
+def _credential(raw: Mapping[str, Any]) -> Credential:
+    kind = raw.get("type", "none")
+    if kind == "none":
+        return Credential(kind="none")
+    if kind == "env":
+        return Credential(
+            kind="env",
+            variable=str(raw["variable"]),
+            header=str(raw.get("header", "Authorization")),
+            scheme=str(raw.get("scheme", "Bearer")),
+        )
+    if kind == "client_credentials":
+        return Credential(
+            kind="client_credentials",
+            token_url=str(raw["token_url"]),
+            client_id=str(raw["client_id"]),
+            client_secret_variable=str(raw["client_secret_variable"]),
+            audience=str(raw["audience"]),
+            scope=str(raw.get("scope", "")),
+        )
+    raise ValueError(
+        f"credential.type {kind!r} must be none, env or client_credentials"
+    )
