@@ -1,0 +1,197 @@
+"""Assembling the broker: configuration in, one ASGI application out.
+
+Everything is parsed and checked here, once, before the first request: the
+manifests, the Cedar schema and policies, the audit store and the token
+verifier. Any problem is a ConfigError and the broker does not start.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from mcp.server import Server
+from mcp.server.streamable_http_manager import (
+    StreamableHTTPASGIApp,
+    StreamableHTTPSessionManager,
+)
+from mcp.server.transport_security import TransportSecuritySettings
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from broker import __version__
+from broker.audit import AuditEntry, SqliteStore, Store
+from broker.auth.edge import BearerAuth, protected_resource_metadata
+from broker.auth.tokens import build_verifier
+from broker.catalog import Catalog
+from broker.config import BrokerConfig
+from broker.downstream import Downstream
+from broker.manifest import load_manifests
+from broker.mediation import Mediator
+from broker.policy import PolicyEngine
+
+log = logging.getLogger("broker")
+
+# How long start-up waits for downstream servers before serving anyway;
+# calls to a server still connecting are denied until it is up.
+STARTUP_CONNECT_SECONDS = 10.0
+
+
+@dataclass
+class Broker:
+    config: BrokerConfig
+    mediator: Mediator
+    app: Starlette
+
+
+def build_broker(config: BrokerConfig, *, store: Store | None = None) -> Broker:
+    """Load and check everything; raise ConfigError on the first problem."""
+    manifests = load_manifests(config.manifest_dir)
+    catalog = Catalog(manifests)
+    engine = PolicyEngine.load(config.policy_dir, catalog.pinned)
+    store = store or SqliteStore(config.store.path)
+    verifier = build_verifier(config)
+    mediator = Mediator(engine=engine, catalog=catalog, downstreams={}, store=store)
+    downstreams = {
+        name: Downstream(
+            m,
+            call_timeout=config.call_timeout_seconds,
+            on_server_request=mediator.server_request,
+            on_connected=mediator.refresh,
+        )
+        for name, m in manifests.items()
+    }
+    for downstream in downstreams.values():
+        downstream.credentials.check()
+    mediator.downstreams = downstreams
+
+    mcp_server = _mcp_server(mediator)
+    manager = StreamableHTTPSessionManager(
+        app=mcp_server,
+        stateless=True,
+        security_settings=TransportSecuritySettings(
+            enable_dns_rebinding_protection=True,
+            allowed_hosts=list(config.allowed_hosts),
+            allowed_origins=list(config.allowed_origins),
+        ),
+    )
+
+    async def on_denied(
+        category: str, detail: str, decision_id: str, request_info: dict[str, Any]
+    ) -> None:
+        mediator.record_quietly(
+            AuditEntry(
+                decision_id=decision_id,
+                time=mediator.clock(),
+                method="http",
+                outcome="deny",
+                category=category,
+                subject=None,
+                issuer=None,
+                client_id=None,
+                server=None,
+                tool=None,
+                reasons=(),
+                errors=(),
+                arguments=None,
+                data_classes=(),
+                detail=detail,
+                duration_ms=None,
+            )
+        )
+
+    mcp_endpoint = BearerAuth(
+        StreamableHTTPASGIApp(manager), verifier, config, on_denied
+    )
+    routes = [
+        Route("/mcp", endpoint=mcp_endpoint),
+        protected_resource_metadata(config),
+        Route("/healthz", endpoint=_healthz),
+        Route("/readyz", endpoint=_readyz_for(mediator)),
+    ]
+
+    @asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        async with manager.run(), anyio.create_task_group() as tasks:
+            for downstream in downstreams.values():
+                tasks.start_soon(downstream.supervise)
+            with anyio.move_on_after(STARTUP_CONNECT_SECONDS):
+                for downstream in downstreams.values():
+                    await downstream.wait_connected()
+            yield
+            for downstream in downstreams.values():
+                downstream.stop()
+            tasks.cancel_scope.cancel()
+        store.close()
+
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.add_middleware(HostGuard, config=config)
+    return Broker(config=config, mediator=mediator, app=app)
+
+
+def _mcp_server(mediator: Mediator) -> Server[Any]:
+    server: Server[Any] = Server(
+        "mcp-broker",
+        version=__version__,
+        instructions="Tools are named <server>.<tool>; policy decides every call.",
+        get_tool_input_schema=mediator.catalog.input_schema,
+        on_list_tools=mediator.list_tools,
+        on_call_tool=mediator.call_tool,
+        on_list_resources=mediator.list_resources,
+        on_list_resource_templates=mediator.list_resource_templates,
+        on_read_resource=mediator.read_resource,
+        on_list_prompts=mediator.list_prompts,
+        on_get_prompt=mediator.get_prompt,
+    )
+    server.middleware.append(mediator.gate)
+    return server
+
+
+async def _healthz(request: Request) -> Response:
+    return JSONResponse({"status": "alive"})
+
+
+def _readyz_for(mediator: Mediator) -> Any:
+    async def readyz(request: Request) -> Response:
+        servers = {name: d.connected for name, d in mediator.downstreams.items()}
+        ready = all(servers.values())
+        return JSONResponse(
+            {"ready": ready, "servers": servers}, status_code=200 if ready else 503
+        )
+
+    return readyz
+
+
+class HostGuard:
+    """Refuses requests whose Host or Origin is not this broker's (DNS rebinding)."""
+
+    def __init__(self, app: ASGIApp, config: BrokerConfig) -> None:
+        self.app = app
+        self.hosts = frozenset(h.lower() for h in config.allowed_hosts)
+        self.origins = frozenset(o.lower().rstrip("/") for o in config.allowed_origins)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.lower(): v for k, v in scope["headers"]}
+        host = headers.get(b"host", b"").decode("latin-1").lower()
+        origin = headers.get(b"origin", b"").decode("latin-1").lower().rstrip("/")
+        if host not in self.hosts:
+            await JSONResponse({"error": "invalid_host"}, status_code=421)(
+                scope, receive, send
+            )
+            return
+        if origin and origin not in self.origins:
+            await JSONResponse({"error": "invalid_origin"}, status_code=403)(
+                scope, receive, send
+            )
+            return
+        await self.app(scope, receive, send)
