@@ -21,17 +21,18 @@ import enum
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, TypeVar
 
 import mcp.types as types
+from mcp import Client
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.shared.exceptions import MCPError
 
 from broker.audit import AuditEntry, Store
 from broker.catalog import Catalog, Drift
-from broker.classify import inspect
+from broker.classify import Findings, inspect
 from broker.downstream import Downstream
 from broker.errors import (
     Denied,
@@ -39,6 +40,7 @@ from broker.errors import (
     Forbidden,
     MethodRefused,
     NotFound,
+    Quarantined,
     RecordFailed,
     Unauthenticated,
 )
@@ -51,6 +53,7 @@ log = logging.getLogger("broker.mediation")
 # JSON-RPC error code for a request the broker refused (implementation-defined range).
 DENIED_CODE = -32003
 PRINCIPAL_KEY = "broker.principal"
+T = TypeVar("T")
 
 
 class Touches(enum.Enum):
@@ -102,31 +105,15 @@ class Mediator:
         """Server middleware: refuse methods outside ``METHODS`` before the SDK."""
         if ctx.method in METHODS:
             return await call_next(ctx)
-        decision_id = new_decision_id()
         principal = principal_or_none(ctx)
-        self.record_quietly(
-            AuditEntry(
-                decision_id=decision_id,
-                time=self.clock(),
-                method=ctx.method,
-                outcome="deny",
-                category=MethodRefused.category,
-                subject=principal.subject if principal else None,
-                issuer=principal.issuer if principal else None,
-                client_id=principal.client_id if principal else None,
-                server=None,
-                tool=None,
-                reasons=(),
-                errors=(),
-                arguments=None,
-                data_classes=(),
-                detail=f"method {ctx.method!r} is not mediated",
-                duration_ms=None,
-            )
+        entry = self.new_entry(principal, ctx.method)
+        refused = MethodRefused(
+            f"method {ctx.method!r} is not mediated", decision_id=entry.decision_id
         )
+        self.record_denial(entry, refused)
         if ctx.request_id is None:
             return None  # a notification has no answer to refuse
-        raise denial_error(MethodRefused(decision_id=decision_id))
+        raise denial_error(refused)
 
     # ---- tools --------------------------------------------------------------
 
@@ -136,63 +123,39 @@ class Mediator:
         params: types.PaginatedRequestParams | None,
     ) -> types.ListToolsResult:
         principal = require_principal(ctx)
-        decision_id = new_decision_id()
         await self.refresh_all()
         usable = self.catalog.usable()
+        specs = [t.spec for t in usable]
         visible = {
             t.qualified_name
-            for t in self.engine.visible_tools(
-                principal, [t.spec for t in usable], now=self.clock()
-            )
+            for t in self.engine.visible_tools(principal, specs, now=self.clock())
         }
         tools = [t.definition for t in usable if t.spec.qualified_name in visible]
-        self.record_list(principal, decision_id, "tools/list", len(tools), len(usable))
+        self.record_list(principal, "tools/list", f"{len(tools)} of {len(usable)}")
         return types.ListToolsResult(tools=tools)
 
     async def call_tool(
         self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
     ) -> types.CallToolResult:
         principal = require_principal(ctx)
-        decision_id = new_decision_id()
-        started = time.perf_counter()
         arguments = dict(params.arguments or {})
         findings = inspect(arguments)
-        entry = AuditEntry(
-            decision_id=decision_id,
-            time=self.clock(),
-            method="tools/call",
-            outcome="deny",
-            category=Forbidden.category,
-            subject=principal.subject,
-            issuer=principal.issuer,
-            client_id=principal.client_id,
-            server=params.name.partition(SEPARATOR)[0] or None,
-            tool=params.name,
-            reasons=(),
-            errors=(),
-            arguments=findings.redacted,
-            data_classes=tuple(sorted(findings.classes)),
-            detail="",
-            duration_ms=None,
-        )
-        try:
+        server = params.name.partition(SEPARATOR)[0]
+        entry = self.new_entry(principal, "tools/call", server, params.name, findings)
+
+        async def decide() -> tuple[Decision, Downstream]:
             live = self.catalog.resolve(params.name)
             decision = self.engine.decide_tool_call(
                 principal, live.spec, arguments, data=findings.classes, now=self.clock()
             )
-            entry = with_decision(entry, decision)
-            if not decision.allowed:
-                raise Forbidden("policy did not allow the call")
-            self.store.record(
-                _replace(entry, outcome="allow", category="allowed", detail="forwarded")
-            )
-            downstream = self.downstreams[live.spec.server]
-            return await downstream.request(
-                "tools/call", lambda c: c.call_tool(live.spec.name, arguments)
-            )
+            return decision, self.downstreams[live.spec.server]
+
+        def forward(client: Client) -> Awaitable[types.CallToolResult]:
+            return client.call_tool(params.name.partition(SEPARATOR)[2], arguments)
+
+        try:
+            return await self.mediate(entry, decide, "tools/call", forward)
         except Denied as denied:
-            denied.decision_id = decision_id
-            self.record_denial(entry, denied, started)
             return denied_tool_result(denied)
 
     # ---- resources ------------------------------------------------------------
@@ -203,21 +166,14 @@ class Mediator:
         params: types.PaginatedRequestParams | None,
     ) -> types.ListResourcesResult:
         principal = require_principal(ctx)
-        decision_id = new_decision_id()
         resources: list[types.Resource] = []
         for name in self.visible_servers(principal, "resources"):
-            try:
-                result: types.ListResourcesResult = await self.downstreams[
-                    name
-                ].request("resources/list", lambda c: c.list_resources())
-            except DownstreamFailed as exc:
-                log.warning("resources/list skipped %s: %s", name, exc.detail)
-                continue
-            for resource in result.resources:
-                self.resource_owner.setdefault(str(resource.uri), name)
-                if self.resource_owner[str(resource.uri)] == name:
+            result = await self.list_from(name, "resources/list", _list_resources)
+            for resource in result.resources if result else ():
+                owner = self.resource_owner.setdefault(str(resource.uri), name)
+                if owner == name:
                     resources.append(resource)
-        self.record_list(principal, decision_id, "resources/list", len(resources), None)
+        self.record_list(principal, "resources/list", f"{len(resources)} shown")
         return types.ListResourcesResult(resources=resources)
 
     async def list_resource_templates(
@@ -228,9 +184,7 @@ class Mediator:
         # Templated URIs cannot be traced back to one server without listing
         # them, so the broker offers none rather than guess where a read goes.
         principal = require_principal(ctx)
-        self.record_list(
-            principal, new_decision_id(), "resources/templates/list", 0, None
-        )
+        self.record_list(principal, "resources/templates/list", "0 shown")
         return types.ListResourceTemplatesResult(resource_templates=[])
 
     async def read_resource(
@@ -239,44 +193,24 @@ class Mediator:
         params: types.ReadResourceRequestParams,
     ) -> types.ReadResourceResult:
         principal = require_principal(ctx)
-        decision_id = new_decision_id()
-        started = time.perf_counter()
         uri = str(params.uri)
         server = self.resource_owner.get(uri)
-        entry = AuditEntry(
-            decision_id=decision_id,
-            time=self.clock(),
-            method="resources/read",
-            outcome="deny",
-            category=Forbidden.category,
-            subject=principal.subject,
-            issuer=principal.issuer,
-            client_id=principal.client_id,
-            server=server,
-            tool=uri,
-            reasons=(),
-            errors=(),
-            arguments=None,
-            data_classes=(),
-            detail="",
-            duration_ms=None,
-        )
-        try:
+        entry = self.new_entry(principal, "resources/read", server, uri)
+
+        async def decide() -> tuple[Decision, Downstream]:
             if server is None:
                 raise NotFound(f"resource {uri!r} was not listed by any server")
             decision = self.engine.decide_resource_read(
                 principal, server, uri, now=self.clock()
             )
-            entry = with_decision(entry, decision)
-            if not decision.allowed:
-                raise Forbidden("policy did not allow the read")
-            self.store.record(_replace(entry, outcome="allow", category="allowed"))
-            return await self.downstreams[server].request(
-                "resources/read", lambda c: c.read_resource(uri)
-            )
+            return decision, self.downstreams[server]
+
+        def forward(client: Client) -> Awaitable[types.ReadResourceResult]:
+            return client.read_resource(uri)
+
+        try:
+            return await self.mediate(entry, decide, "resources/read", forward)
         except Denied as denied:
-            denied.decision_id = decision_id
-            self.record_denial(entry, denied, started)
             raise denial_error(denied) from None
 
     # ---- prompts --------------------------------------------------------------
@@ -289,102 +223,95 @@ class Mediator:
         principal = require_principal(ctx)
         prompts: list[types.Prompt] = []
         for name in self.visible_servers(principal, "prompts"):
-            try:
-                result: types.ListPromptsResult = await self.downstreams[name].request(
-                    "prompts/list", lambda c: c.list_prompts()
-                )
-            except DownstreamFailed as exc:
-                log.warning("prompts/list skipped %s: %s", name, exc.detail)
-                continue
+            result = await self.list_from(name, "prompts/list", _list_prompts)
             prompts.extend(
                 p.model_copy(update={"name": f"{name}{SEPARATOR}{p.name}"})
-                for p in result.prompts
+                for p in (result.prompts if result else ())
             )
-        self.record_list(
-            principal, new_decision_id(), "prompts/list", len(prompts), None
-        )
+        self.record_list(principal, "prompts/list", f"{len(prompts)} shown")
         return types.ListPromptsResult(prompts=prompts)
 
     async def get_prompt(
         self, ctx: ServerRequestContext[Any, Any], params: types.GetPromptRequestParams
     ) -> types.GetPromptResult:
         principal = require_principal(ctx)
-        decision_id = new_decision_id()
-        started = time.perf_counter()
         server, _, prompt = params.name.partition(SEPARATOR)
         arguments = dict(params.arguments or {})
         findings = inspect(arguments)
-        entry = AuditEntry(
-            decision_id=decision_id,
-            time=self.clock(),
-            method="prompts/get",
-            outcome="deny",
-            category=Forbidden.category,
-            subject=principal.subject,
-            issuer=principal.issuer,
-            client_id=principal.client_id,
-            server=server or None,
-            tool=params.name,
-            reasons=(),
-            errors=(),
-            arguments=findings.redacted,
-            data_classes=tuple(sorted(findings.classes)),
-            detail="",
-            duration_ms=None,
-        )
-        try:
+        entry = self.new_entry(principal, "prompts/get", server, params.name, findings)
+
+        async def decide() -> tuple[Decision, Downstream]:
             if not prompt or server not in self.downstreams:
                 raise NotFound(f"no server for prompt {params.name!r}")
             decision = self.engine.decide_prompt_get(
                 principal, server, prompt, data=findings.classes, now=self.clock()
             )
-            entry = with_decision(entry, decision)
-            if not decision.allowed:
-                raise Forbidden("policy did not allow the prompt")
-            self.store.record(_replace(entry, outcome="allow", category="allowed"))
-            return await self.downstreams[server].request(
-                "prompts/get", lambda c: c.get_prompt(prompt, arguments)
-            )
+            return decision, self.downstreams[server]
+
+        def forward(client: Client) -> Awaitable[types.GetPromptResult]:
+            return client.get_prompt(prompt, arguments)
+
+        try:
+            return await self.mediate(entry, decide, "prompts/get", forward)
         except Denied as denied:
-            denied.decision_id = decision_id
-            self.record_denial(entry, denied, started)
             raise denial_error(denied) from None
+
+    # ---- the one path from a decision to a downstream server ------------------
+
+    async def mediate(
+        self,
+        entry: AuditEntry,
+        decide: Callable[[], Awaitable[tuple[Decision, Downstream]]],
+        what: str,
+        forward: Callable[[Client], Awaitable[T]],
+    ) -> T:
+        """Decide, record, and only then forward; every failure is a recorded denial.
+
+        The allowing entry is written before the request leaves, so a call
+        that reached a server is on record even if the broker dies mid-call.
+        A failure after that is recorded again under the same decision id.
+        """
+        started = time.perf_counter()
+        try:
+            decision, downstream = await decide()
+            entry = replace(entry, reasons=decision.reasons, errors=decision.errors)
+            if not decision.allowed:
+                raise Forbidden("policy did not allow it")
+            self.store.record(replace(entry, outcome="allow", category="allowed"))
+            return await downstream.request(what, forward)
+        except Denied as denied:
+            denied.decision_id = entry.decision_id
+            self.record_denial(entry, denied, started)
+            raise
+
+    async def list_from(
+        self,
+        server: str,
+        what: str,
+        call: Callable[[Client], Awaitable[T]],
+    ) -> T | None:
+        """A list from one server, or None when it fails (the others still answer)."""
+        try:
+            return await self.downstreams[server].request(what, call)
+        except DownstreamFailed as exc:
+            log.warning("%s skipped %s: %s", what, server, exc.detail)
+            return None
 
     # ---- requests a downstream server sends towards the agent ------------------
 
     async def server_request(self, server: str, kind: str, params: Any) -> Any:
-        """Sampling or elicitation asked by a downstream server: decided, then refused.
+        """Sampling or elicitation asked by a downstream server: recorded and refused.
 
-        A downstream request cannot yet be tied to the agent call that caused
-        it (stdio carries no such link, and one session serves every agent),
-        so it is decided as an action of that server on no user's behalf and
-        refused whatever the outcome; the decision is still recorded.
+        Such a request cannot yet be tied to the agent call that caused it
+        (stdio carries no such link, and one session serves every agent), so
+        there is no user to decide for and nobody to relay it to.
         """
-        decision_id = new_decision_id()
-        self.record_quietly(
-            AuditEntry(
-                decision_id=decision_id,
-                time=self.clock(),
-                method="sampling/createMessage"
-                if kind == "sample"
-                else "elicitation/create",
-                outcome="deny",
-                category=Forbidden.category,
-                subject=None,
-                issuer=None,
-                client_id=None,
-                server=server,
-                tool=None,
-                reasons=(),
-                errors=(),
-                arguments=None,
-                data_classes=(),
-                detail="a downstream request cannot be attributed to an agent call",
-                duration_ms=None,
-            )
-        )
+        method = "sampling/createMessage" if kind == "sample" else "elicitation/create"
+        entry = replace(self.new_entry(None, method), server=server)
+        refused = Forbidden("a downstream request cannot be tied to an agent call")
+        self.record_denial(entry, refused)
         return types.ErrorData(
-            code=DENIED_CODE, message=f"denied by the broker (decision {decision_id})"
+            code=DENIED_CODE, message=f"denied by the broker: {refused.category}"
         )
 
     # ---- pins -------------------------------------------------------------------
@@ -412,73 +339,46 @@ class Mediator:
 
     # ---- the record ---------------------------------------------------------
 
-    def record_denial(self, entry: AuditEntry, denied: Denied, started: float) -> None:
-        self.record_quietly(
-            _replace(
+    def new_entry(
+        self,
+        principal: Principal | None,
+        method: str,
+        server: str | None = None,
+        tool: str | None = None,
+        findings: Findings | None = None,
+    ) -> AuditEntry:
+        """An entry for a decision about to be made; a denial until decided."""
+        return AuditEntry(
+            decision_id=new_decision_id(),
+            time=self.clock(),
+            method=method,
+            outcome="deny",
+            category=Forbidden.category,
+            subject=principal.subject if principal else None,
+            issuer=principal.issuer if principal else None,
+            client_id=principal.client_id if principal else None,
+            server=server or None,
+            tool=tool,
+            arguments=findings.redacted if findings else None,
+            data_classes=tuple(sorted(findings.classes)) if findings else (),
+        )
+
+    def record_denial(
+        self, entry: AuditEntry, denied: Denied, started: float | None = None
+    ) -> None:
+        """Record ``entry`` as denied for the reason ``denied`` gives."""
+        elapsed = None if started is None else (time.perf_counter() - started) * 1000
+        self.keep_denial(
+            replace(
                 entry,
                 outcome="deny",
                 category=denied.category,
                 detail=denied.detail,
-                duration_ms=(time.perf_counter() - started) * 1000,
+                duration_ms=elapsed,
             )
         )
 
-    def record_list(
-        self,
-        principal: Principal,
-        decision_id: str,
-        method: str,
-        shown: int,
-        of: int | None,
-    ) -> None:
-        detail = f"{shown} shown" + (f" of {of} usable" if of is not None else "")
-        self.store.record(
-            AuditEntry(
-                decision_id=decision_id,
-                time=self.clock(),
-                method=method,
-                outcome="allow",
-                category="allowed",
-                subject=principal.subject,
-                issuer=principal.issuer,
-                client_id=principal.client_id,
-                server=None,
-                tool=None,
-                reasons=(),
-                errors=(),
-                arguments=None,
-                data_classes=(),
-                detail=detail,
-                duration_ms=None,
-            )
-        )
-
-    def record_drift(self, drift: Drift) -> None:
-        log.warning(
-            "tool %s.%s quarantined: %s", drift.server, drift.tool, drift.reason
-        )
-        self.record_quietly(
-            AuditEntry(
-                decision_id=new_decision_id(),
-                time=self.clock(),
-                method="pin/check",
-                outcome="deny",
-                category="quarantined",
-                subject=None,
-                issuer=None,
-                client_id=None,
-                server=drift.server,
-                tool=f"{drift.server}.{drift.tool}",
-                reasons=(),
-                errors=(),
-                arguments=None,
-                data_classes=(),
-                detail=f"{drift.reason}; live pin {drift.live_pin}",
-                duration_ms=None,
-            )
-        )
-
-    def record_quietly(self, entry: AuditEntry) -> None:
+    def keep_denial(self, entry: AuditEntry) -> None:
         """Record a denial; if that fails, the denial stands and the log keeps it."""
         try:
             self.store.record(entry)
@@ -490,20 +390,32 @@ class Mediator:
                 exc.detail,
             )
 
+    def record_list(self, principal: Principal, method: str, detail: str) -> None:
+        entry = self.new_entry(principal, method)
+        self.store.record(
+            replace(entry, outcome="allow", category="allowed", detail=detail)
+        )
 
-def with_decision(entry: AuditEntry, decision: Decision) -> AuditEntry:
-    return _replace(entry, reasons=decision.reasons, errors=decision.errors)
+    def record_drift(self, drift: Drift) -> None:
+        log.warning(
+            "tool %s.%s quarantined: %s", drift.server, drift.tool, drift.reason
+        )
+        tool = f"{drift.server}{SEPARATOR}{drift.tool}"
+        entry = self.new_entry(None, "pin/check", drift.server, tool)
+        reason = f"{drift.reason}; live pin {drift.live_pin}"
+        self.record_denial(entry, Quarantined(reason))
 
 
-def _replace(entry: AuditEntry, **changes: Any) -> AuditEntry:
-    import dataclasses
+def _list_resources(client: Client) -> Awaitable[types.ListResourcesResult]:
+    return client.list_resources()
 
-    return dataclasses.replace(entry, **changes)
+
+def _list_prompts(client: Client) -> Awaitable[types.ListPromptsResult]:
+    return client.list_prompts()
 
 
 def principal_or_none(ctx: ServerRequestContext[Any, Any]) -> Principal | None:
-    request = ctx.request
-    scope = getattr(request, "scope", None)
+    scope = getattr(ctx.request, "scope", None)
     if not isinstance(scope, dict):
         return None
     principal = scope.get(PRINCIPAL_KEY)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
@@ -27,7 +27,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from broker import __version__
-from broker.audit import AuditEntry, SqliteStore, Store
+from broker.audit import SqliteStore, Store
 from broker.auth.edge import BearerAuth, protected_resource_metadata
 from broker.auth.tokens import build_verifier
 from broker.catalog import Catalog
@@ -86,25 +86,9 @@ def build_broker(config: BrokerConfig, *, store: Store | None = None) -> Broker:
     async def on_denied(
         category: str, detail: str, decision_id: str, request_info: dict[str, Any]
     ) -> None:
-        mediator.record_quietly(
-            AuditEntry(
-                decision_id=decision_id,
-                time=mediator.clock(),
-                method="http",
-                outcome="deny",
-                category=category,
-                subject=None,
-                issuer=None,
-                client_id=None,
-                server=None,
-                tool=None,
-                reasons=(),
-                errors=(),
-                arguments=None,
-                data_classes=(),
-                detail=detail,
-                duration_ms=None,
-            )
+        entry = mediator.new_entry(None, "http")
+        mediator.keep_denial(
+            replace(entry, decision_id=decision_id, category=category, detail=detail)
         )
 
     mcp_endpoint = BearerAuth(
