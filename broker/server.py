@@ -11,6 +11,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -56,7 +57,12 @@ def build_broker(config: BrokerConfig, *, store: Store | None = None) -> Broker:
     manifests = load_manifests(config.manifest_dir)
     catalog = Catalog(manifests)
     engine = PolicyEngine.load(config.policy_dir, catalog.pinned)
-    store = store or SqliteStore(config.store.path)
+    if store is None:
+        if config.development:
+            # A fresh checkout has no state directory yet; production names
+            # one that exists, and a missing one stops the start.
+            Path(config.store.path).parent.mkdir(parents=True, exist_ok=True)
+        store = SqliteStore(config.store.path)
     verifier = build_verifier(config)
     mediator = Mediator(engine=engine, catalog=catalog, downstreams={}, store=store)
     downstreams = {
