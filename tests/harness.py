@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
-from broker.audit import AuditEntry, SqliteStore
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
+
+from broker.audit import AuditEntry, SqliteStore
 
 REPO = Path(__file__).resolve().parent.parent
 POLICIES = REPO / "cedar_policies"
