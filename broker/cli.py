@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +11,7 @@ import anyio
 
 from broker.config import BrokerConfig, load_config
 from broker.errors import ConfigError
+from broker.observability import configure_logging
 
 DEFAULT_CONFIG = Path("broker.toml")
 
@@ -26,9 +26,7 @@ BANNER = """\
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    configure_logging("text")
     try:
         return int(args.run(args))
     except ConfigError as exc:
@@ -86,6 +84,7 @@ def _serve(args: argparse.Namespace) -> int:
     from broker.server import build_broker
 
     config = load_config(args.config)
+    configure_logging(config.log_format)
     broker = build_broker(config)
     _announce(config)
     uvicorn.run(broker.app, host=config.host, port=config.port, log_level="warning")

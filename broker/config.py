@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,9 @@ class AuthConfig:
 class StoreConfig:
     type: str = "sqlite"
     path: str = "broker-state.db"
+    # Audit entries older than this many days are pruned at start and by
+    # `broker audit prune`; None keeps every entry.
+    retention_days: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +52,10 @@ class BrokerConfig:
     call_timeout_seconds: float = 30.0
     development: bool = False
     dev_key_path: Path = Path(".broker-dev/signing-key.pem")
+    # "json" for one redacted JSON object per log line, "text" for a terminal.
+    log_format: str = "text"
+    # Decide and record, but forward a would-be denial anyway (policy roll-out).
+    shadow: bool = False
     auth: AuthConfig = field(default_factory=AuthConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
 
@@ -119,6 +127,7 @@ def config_from_dict(raw: dict[str, Any], base: Path = Path()) -> BrokerConfig:
     store_cfg = StoreConfig(**store)
     if store_cfg.type != "sqlite":
         raise ConfigError(f"[store] type {store_cfg.type!r} is not supported")
+    _check_retention(store_cfg.retention_days)
 
     default_host = parts.netloc
     fields: dict[str, Any] = dict(broker)
@@ -130,11 +139,18 @@ def config_from_dict(raw: dict[str, Any], base: Path = Path()) -> BrokerConfig:
         else:
             fields[key] = base / BrokerConfig.__dataclass_fields__[key].default  # type: ignore[operator]
     if not Path(store_cfg.path).is_absolute():
-        store_cfg = StoreConfig(type=store_cfg.type, path=str(base / store_cfg.path))
+        store_cfg = dataclasses.replace(store_cfg, path=str(base / store_cfg.path))
     try:
         return BrokerConfig(**fields, auth=auth_cfg, store=store_cfg)
     except TypeError as exc:
         raise ConfigError(f"bad configuration: {exc}") from exc
+
+
+def _check_retention(days: object) -> None:
+    if days is None:
+        return
+    if isinstance(days, bool) or not isinstance(days, int) or days <= 0:
+        raise ConfigError("[store] retention_days must be a whole number of days > 0")
 
 
 def _table(raw: dict[str, Any], name: str) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from broker.config import BrokerConfig
 from broker.downstream import Downstream
 from broker.manifest import load_manifests
 from broker.mediation import Mediator
+from broker.observability import MeteredStore, Metrics
 from broker.policy import PolicyEngine
 
 log = logging.getLogger("broker")
@@ -64,6 +65,8 @@ def build_broker(config: BrokerConfig, *, store: Store | None = None) -> Broker:
             Path(config.store.path).parent.mkdir(parents=True, exist_ok=True)
         store = SqliteStore(config.store.path)
     verifier = build_verifier(config)
+    metrics = Metrics()
+    store = MeteredStore(store, metrics)
     mediator = Mediator(engine=engine, catalog=catalog, downstreams={}, store=store)
     downstreams = {
         name: Downstream(
@@ -105,6 +108,7 @@ def build_broker(config: BrokerConfig, *, store: Store | None = None) -> Broker:
         protected_resource_metadata(config),
         Route("/healthz", endpoint=_healthz),
         Route("/readyz", endpoint=_readyz_for(mediator)),
+        metrics.route(),
     ]
 
     @asynccontextmanager
