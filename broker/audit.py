@@ -7,6 +7,10 @@ it ended (outcome, category, detail). Arguments arrive already redacted by
 
 If an entry cannot be written, ``record`` raises RecordFailed and the call
 does not go ahead: a broker that cannot record must not act.
+
+Entries are hash-chained in the order they are written (``broker.chain``):
+``verify`` finds an entry that was edited, removed or moved, and ``prune``
+leaves a checkpoint in place of what it removes, so the rest still verifies.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from broker import chain
+from broker.chain import Checkpoint, Head, Link, Verification
 from broker.errors import ConfigError, RecordFailed
 
 
@@ -30,6 +36,8 @@ class AuditEntry:
     ``method`` is the MCP method, or "http" for a denial at the HTTP edge.
     ``category`` is "allowed", or the category of the denial. ``tool`` holds
     the tool name, resource URI or prompt name the method touched.
+    ``groups`` and ``scopes`` are the caller's, as policy saw them. ``shadow``
+    marks a decision taken in shadow mode: recorded, not enforced.
     """
 
     decision_id: str
@@ -48,6 +56,9 @@ class AuditEntry:
     data_classes: tuple[str, ...] = ()
     detail: str = ""
     duration_ms: float | None = None
+    groups: tuple[str, ...] = ()
+    scopes: tuple[str, ...] = ()
+    shadow: bool = False
 
 
 class Store(Protocol):
@@ -68,6 +79,16 @@ class Store(Protocol):
 
     def count(self) -> int:
         """How many entries are kept."""
+
+    def verify(self) -> Verification:
+        """Walk the whole chain; the result says where it first breaks, if it does."""
+
+    def prune(self, before: float, *, now: float) -> Checkpoint | None:
+        """Remove the oldest entries up to the first one at or after ``before``.
+
+        A checkpoint of the removed prefix is kept so that the rest verifies;
+        None when nothing was old enough.
+        """
 
     def close(self) -> None:
         """Release the store; later calls fail."""
@@ -91,18 +112,36 @@ CREATE TABLE IF NOT EXISTS audit_entries (
     arguments    TEXT NOT NULL,
     data_classes TEXT NOT NULL,
     detail       TEXT NOT NULL,
-    duration_ms  REAL
+    duration_ms  REAL,
+    groups       TEXT NOT NULL,
+    scopes       TEXT NOT NULL,
+    shadow       INTEGER NOT NULL CHECK (shadow IN (0, 1)),
+    prev_hash    TEXT NOT NULL,
+    entry_hash   TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit_entries_time ON audit_entries (time);
 CREATE INDEX IF NOT EXISTS audit_entries_outcome_time
     ON audit_entries (outcome, time);
+CREATE TABLE IF NOT EXISTS audit_head (
+    id   INTEGER PRIMARY KEY CHECK (id = 1),
+    seq  INTEGER NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_checkpoints (
+    through_seq INTEGER PRIMARY KEY,
+    hash        TEXT NOT NULL,
+    pruned      INTEGER NOT NULL,
+    before      REAL NOT NULL,
+    time        REAL NOT NULL
+);
 """
 
 _INSERT = """
 INSERT INTO audit_entries (
     decision_id, time, method, outcome, category, subject, issuer, client_id,
-    server, tool, reasons, errors, arguments, data_classes, detail, duration_ms
-) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    server, tool, reasons, errors, arguments, data_classes, detail, duration_ms,
+    groups, scopes, shadow, seq, prev_hash, entry_hash
+) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 
 # Absent bounds become infinities, so two fixed statements serve every
@@ -110,13 +149,24 @@ INSERT INTO audit_entries (
 _COLUMNS = """
 SELECT decision_id, time, method, outcome, category, subject, issuer,
     client_id, server, tool, reasons, errors, arguments, data_classes,
-    detail, duration_ms
+    detail, duration_ms, groups, scopes, shadow, seq, prev_hash, entry_hash
 FROM audit_entries
 """
 _SELECT = _COLUMNS + "WHERE time >= ? AND time < ? ORDER BY time, seq LIMIT ?"
 _SELECT_OUTCOME = (
     _COLUMNS + "WHERE outcome = ? AND time >= ? AND time < ? ORDER BY time, seq LIMIT ?"
 )
+_SELECT_CHAIN = _COLUMNS + "WHERE seq > ? ORDER BY seq"
+
+_HEAD = "SELECT seq, hash FROM audit_head WHERE id = 1"
+_SET_HEAD = "INSERT OR REPLACE INTO audit_head (id, seq, hash) VALUES (1, ?, ?)"
+_LAST_CHECKPOINT = """
+SELECT through_seq, hash, pruned, before, time FROM audit_checkpoints
+ORDER BY through_seq DESC LIMIT 1
+"""
+_FIRST_KEPT = "SELECT min(seq) FROM audit_entries WHERE time >= ?"
+_LAST_SEQ = "SELECT max(seq) FROM audit_entries"
+_LAST_ENTRY = "SELECT seq, entry_hash FROM audit_entries ORDER BY seq DESC LIMIT 1"
 
 # A write waits this long for a lock held by another process (a report, a
 # verify) before it fails; the event loop is blocked while it waits.
@@ -124,12 +174,20 @@ _BUSY_TIMEOUT_SECONDS = 1.0
 
 
 class SqliteStore:
-    """Audit entries in one SQLite file, for a single broker process.
+    """Audit entries in one SQLite file, shared safely by several processes.
 
     The broker calls ``record`` from its event loop thread; a write is one
     small insert, committed before ``record`` returns. WAL with
     ``synchronous=NORMAL`` keeps every committed entry through a crash of the
     broker; a power cut may lose the last few.
+
+    The chain's head is read inside the write transaction (BEGIN IMMEDIATE),
+    so two brokers or a broker and a prune on the same file never fork it.
+    Keeping the head in memory instead would save nothing: another writer
+    may have moved it, so it has to be read under the write lock anyway,
+    and that read is an index lookup. The entry's canonical form is built
+    before the lock is taken; only the hash that joins it to the head is
+    computed inside.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -138,10 +196,13 @@ class SqliteStore:
         self._db = _open(self.path)
 
     def record(self, entry: AuditEntry) -> None:
-        row = _row(entry)
         failure = f"audit entry {entry.decision_id} not written"
-        with _mapped(failure, entry.decision_id), self._lock:
-            self._db.execute(_INSERT, row)
+        row, body = _row(entry, failure)
+        with _mapped(failure, entry.decision_id), self._lock, _writing(self._db):
+            head = _tail(self._db)
+            link = Head(head.seq + 1, chain.link_hash(body, head.hash))
+            self._db.execute(_INSERT, (*row, link.seq, head.hash, link.hash))
+            self._db.execute(_SET_HEAD, (link.seq, link.hash))
 
     def entries(
         self,
@@ -169,6 +230,35 @@ class SqliteStore:
             row = self._db.execute("SELECT count(*) FROM audit_entries").fetchone()
         return int(row[0])
 
+    def verify(self) -> Verification:
+        # One read transaction: the head and the entries are one snapshot.
+        with _mapped("audit chain not read"), self._lock, _reading(self._db):
+            checkpoint = _last_checkpoint(self._db)
+            start = checkpoint.head if checkpoint else chain.START
+            rows = self._db.execute(_SELECT_CHAIN, (start.seq,))
+            links = (_link(row) for row in rows)
+            return chain.verify(links, start=start, head=_head(self._db))
+
+    def prune(self, before: float, *, now: float) -> Checkpoint | None:
+        with _mapped("audit entries not pruned"), self._lock, _writing(self._db):
+            through = _prunable(self._db, before)
+            if through is None:
+                return None
+            hashed = self._db.execute(
+                "SELECT entry_hash FROM audit_entries WHERE seq = ?", (through,)
+            ).fetchone()
+            if hashed is None:
+                return None  # the chain is already broken there; keep the evidence
+            removed = self._db.execute(
+                "DELETE FROM audit_entries WHERE seq <= ?", (through,)
+            ).rowcount
+            checkpoint = Checkpoint(through, hashed[0], removed, before, now)
+            self._db.execute(
+                "INSERT INTO audit_checkpoints VALUES (?, ?, ?, ?, ?)",
+                (through, checkpoint.hash, removed, before, now),
+            )
+        return checkpoint
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
@@ -181,7 +271,7 @@ def _open(path: Path) -> sqlite3.Connection:
         db = sqlite3.connect(
             path,
             timeout=_BUSY_TIMEOUT_SECONDS,
-            isolation_level=None,  # autocommit: an insert is durable on return
+            isolation_level=None,  # transactions are begun and ended explicitly
             check_same_thread=False,
         )
     except sqlite3.Error as exc:
@@ -189,12 +279,48 @@ def _open(path: Path) -> sqlite3.Connection:
     try:
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")
+        _check_chained(db, path)
         db.executescript(_SCHEMA)
+        db.execute(
+            "INSERT OR IGNORE INTO audit_head (id, seq, hash) VALUES (1, 0, ?)",
+            (chain.GENESIS,),
+        )
     except sqlite3.Error as exc:
         db.close()
         raise ConfigError(f"audit store {path} cannot be used: {exc}") from exc
     db.row_factory = sqlite3.Row
     return db
+
+
+def _check_chained(db: sqlite3.Connection, path: Path) -> None:
+    columns = {row[1] for row in db.execute("PRAGMA table_info(audit_entries)")}
+    if columns and "entry_hash" not in columns:
+        db.close()
+        raise ConfigError(
+            f"audit store {path} was written before entries were hash-chained; "
+            "move it aside (nothing in it is changed) and start with a new one"
+        )
+
+
+@contextlib.contextmanager
+def _writing(db: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction that holds SQLite's write lock from its first line."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.rollback()
+        raise
+    db.execute("COMMIT")
+
+
+@contextlib.contextmanager
+def _reading(db: sqlite3.Connection) -> Iterator[None]:
+    db.execute("BEGIN")
+    try:
+        yield
+    finally:
+        db.rollback()
 
 
 @contextlib.contextmanager
@@ -206,17 +332,59 @@ def _mapped(what: str, decision_id: str | None = None) -> Iterator[None]:
         raise RecordFailed(f"{what}: {exc}", decision_id=decision_id) from exc
 
 
-def _row(entry: AuditEntry) -> tuple[object, ...]:
+def _head(db: sqlite3.Connection) -> Head:
+    row = db.execute(_HEAD).fetchone()
+    if row is None:
+        # The head row is made when the store is opened; without it, say the
+        # chain starts afresh and let verify report the entries as not fitting.
+        return chain.START
+    return Head(int(row[0]), str(row[1]))
+
+
+def _tail(db: sqlite3.Connection) -> Head:
+    """What the next entry links to: the head, or the last entry if it lies past it.
+
+    Both differ only when the head row was altered; recording then goes on
+    (verify reports the break) instead of failing on a taken sequence number.
+    """
+    head = _head(db)
+    last = db.execute(_LAST_ENTRY).fetchone()
+    if last is not None and int(last[0]) > head.seq:
+        return Head(int(last[0]), str(last[1]))
+    return head
+
+
+def _last_checkpoint(db: sqlite3.Connection) -> Checkpoint | None:
+    row = db.execute(_LAST_CHECKPOINT).fetchone()
+    if row is None:
+        return None
+    return Checkpoint(int(row[0]), str(row[1]), int(row[2]), row[3], row[4])
+
+
+def _prunable(db: sqlite3.Connection, before: float) -> int | None:
+    """The end of the longest prefix of entries that are all older than ``before``."""
+    (first_kept,) = db.execute(_FIRST_KEPT, (before,)).fetchone()
+    if first_kept is None:
+        (last,) = db.execute(_LAST_SEQ).fetchone()
+        return None if last is None else int(last)
+    (older,) = db.execute(
+        "SELECT max(seq) FROM audit_entries WHERE seq < ?", (first_kept,)
+    ).fetchone()
+    return None if older is None else int(older)
+
+
+def _row(entry: AuditEntry, failure: str) -> tuple[tuple[object, ...], bytes]:
+    """The columns of ``entry`` and its canonical form for the chain."""
     try:
         arguments = json.dumps(entry.arguments, ensure_ascii=False, allow_nan=False)
+        body = chain.canonical(entry)
     except (TypeError, ValueError) as exc:
         raise RecordFailed(
-            f"audit entry {entry.decision_id} not written: arguments are not JSON",
-            decision_id=entry.decision_id,
+            f"{failure}: arguments are not JSON", decision_id=entry.decision_id
         ) from exc
-    return (
+    columns = (
         entry.decision_id,
-        entry.time,
+        float(entry.time),
         entry.method,
         entry.outcome,
         entry.category,
@@ -231,7 +399,11 @@ def _row(entry: AuditEntry) -> tuple[object, ...]:
         json.dumps(list(entry.data_classes)),
         entry.detail,
         entry.duration_ms,
+        json.dumps(list(entry.groups)),
+        json.dumps(list(entry.scopes)),
+        int(bool(entry.shadow)),
     )
+    return columns, body
 
 
 def _entry(row: sqlite3.Row) -> AuditEntry:
@@ -252,4 +424,15 @@ def _entry(row: sqlite3.Row) -> AuditEntry:
         data_classes=tuple(json.loads(row["data_classes"])),
         detail=row["detail"],
         duration_ms=row["duration_ms"],
+        groups=tuple(json.loads(row["groups"])),
+        scopes=tuple(json.loads(row["scopes"])),
+        shadow=bool(row["shadow"]),
     )
+
+
+def _link(row: sqlite3.Row) -> Link:
+    try:
+        entry: AuditEntry | None = _entry(row)
+    except (TypeError, ValueError):
+        entry = None
+    return Link(int(row["seq"]), entry, str(row["prev_hash"]), str(row["entry_hash"]))
