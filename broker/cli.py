@@ -9,6 +9,8 @@ from pathlib import Path
 
 import anyio
 
+from broker import record_cli
+from broker.approvals import cli as approvals_cli
 from broker.config import BrokerConfig, load_config
 from broker.errors import ConfigError
 from broker.observability import configure_logging
@@ -75,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
     token.set_defaults(run=_token)
+
+    record_cli.add_commands(commands)
+    approvals_cli.add_commands(commands)
     return parser
 
 
@@ -106,12 +111,15 @@ def _announce(config: BrokerConfig) -> None:
 
 def _check(args: argparse.Namespace) -> int:
     from broker.catalog import Catalog
+    from broker.limits import check_tools
     from broker.manifest import load_manifests
     from broker.policy import PolicyEngine
 
     config = load_config(args.config)
     manifests = load_manifests(config.manifest_dir)
-    engine = PolicyEngine.load(config.policy_dir, Catalog(manifests).pinned)
+    pinned = Catalog(manifests).pinned
+    engine = PolicyEngine.load(config.policy_dir, pinned)
+    check_tools(config.limits, (tool.qualified_name for tool in pinned))
     tools = sum(len(m.tools) for m in manifests.values())
     print(
         f"ok: {len(manifests)} server(s), {tools} pinned tool(s), "

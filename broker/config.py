@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from broker.errors import ConfigError
+from broker.limits import Limit, limits_from_config
 
 DEV_ISSUER = "urn:broker:development"
 
@@ -38,6 +39,33 @@ class StoreConfig:
     # Audit entries older than this many days are pruned at start and by
     # `broker audit prune`; None keeps every entry.
     retention_days: int | None = None
+    # Shared state for replicas (call-rate counts); empty keeps it in-process.
+    # The password comes from the environment variable named here, if any.
+    redis_url: str = ""
+    redis_password_env: str = ""
+    # Longer than this and a limit cannot be checked, so the call is denied.
+    redis_timeout_seconds: float = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalsConfig:
+    """Pending actions and the approvers' page (see ``broker.approvals``)."""
+
+    # How long a call that needs approval waits before answering "pending",
+    # and how long a pending action (and then its approval) stays usable.
+    wait_seconds: float = 25.0
+    expiry_seconds: float = 900.0
+    webhook_url: str = ""
+    # Where approvers reach this broker; empty means the origin of `resource`.
+    public_url: str = ""
+    # The page's sign-in; without an issuer, approvers use the API and CLI.
+    oidc_issuer: str = ""
+    oidc_metadata_url: str = ""
+    oidc_client_id: str = ""
+    oidc_groups_claim: str = "groups"
+    # Names of environment variables that hold secrets (S105: not secrets).
+    oidc_client_secret_env: str = "BROKER_OIDC_CLIENT_SECRET"  # noqa: S105
+    session_secret_env: str = "BROKER_SESSION_SECRET"  # noqa: S105
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +86,8 @@ class BrokerConfig:
     shadow: bool = False
     auth: AuthConfig = field(default_factory=AuthConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    approvals: ApprovalsConfig = field(default_factory=ApprovalsConfig)
+    limits: tuple[Limit, ...] = ()
 
     @property
     def metadata_url(self) -> str:
@@ -89,9 +119,14 @@ def config_from_dict(raw: dict[str, Any], base: Path = Path()) -> BrokerConfig:
     broker = _table(raw, "broker")
     auth = _table(raw, "auth")
     store = _table(raw, "store")
-    _reject_unknown(raw, {"broker", "auth", "store"}, "top level")
     _reject_unknown(
-        broker, set(BrokerConfig.__dataclass_fields__) - {"auth", "store"}, "[broker]"
+        raw, {"broker", "auth", "store", "approvals", "limits"}, "top level"
+    )
+    _reject_unknown(
+        broker,
+        set(BrokerConfig.__dataclass_fields__)
+        - {"auth", "store", "approvals", "limits"},
+        "[broker]",
     )
     _reject_unknown(auth, set(AuthConfig.__dataclass_fields__), "[auth]")
     _reject_unknown(store, set(StoreConfig.__dataclass_fields__), "[store]")
@@ -128,6 +163,7 @@ def config_from_dict(raw: dict[str, Any], base: Path = Path()) -> BrokerConfig:
     if store_cfg.type != "sqlite":
         raise ConfigError(f"[store] type {store_cfg.type!r} is not supported")
     _check_retention(store_cfg.retention_days)
+    _check_redis(store_cfg)
 
     default_host = parts.netloc
     fields: dict[str, Any] = dict(broker)
@@ -140,10 +176,39 @@ def config_from_dict(raw: dict[str, Any], base: Path = Path()) -> BrokerConfig:
             fields[key] = base / BrokerConfig.__dataclass_fields__[key].default  # type: ignore[operator]
     if not Path(store_cfg.path).is_absolute():
         store_cfg = dataclasses.replace(store_cfg, path=str(base / store_cfg.path))
+    approvals_cfg = _approvals(_table(raw, "approvals"), resource)
     try:
-        return BrokerConfig(**fields, auth=auth_cfg, store=store_cfg)
+        return BrokerConfig(
+            **fields,
+            auth=auth_cfg,
+            store=store_cfg,
+            approvals=approvals_cfg,
+            limits=limits_from_config(raw.get("limits", [])),
+        )
     except TypeError as exc:
         raise ConfigError(f"bad configuration: {exc}") from exc
+
+
+def _approvals(table: dict[str, Any], resource: str) -> ApprovalsConfig:
+    _reject_unknown(table, set(ApprovalsConfig.__dataclass_fields__), "[approvals]")
+    try:
+        approvals = ApprovalsConfig(**table)
+    except TypeError as exc:
+        raise ConfigError(f"bad [approvals] table: {exc}") from exc
+    for name in ("wait_seconds", "expiry_seconds"):
+        value = getattr(approvals, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ConfigError(f"[approvals] {name} must be a number of seconds >= 0")
+    if approvals.expiry_seconds <= approvals.wait_seconds:
+        raise ConfigError("[approvals] expiry_seconds must exceed wait_seconds")
+    parts = urlsplit(resource)
+    public = approvals.public_url or f"{parts.scheme}://{parts.netloc}"
+    for name, url in (("public_url", public), ("webhook_url", approvals.webhook_url)):
+        if url and not url.startswith(("https://", "http://")):
+            raise ConfigError(f"[approvals] {name} must be an http(s) URL")
+    if approvals.oidc_issuer and not approvals.oidc_client_id:
+        raise ConfigError("[approvals] oidc_issuer needs oidc_client_id")
+    return dataclasses.replace(approvals, public_url=public.rstrip("/"))
 
 
 def _check_retention(days: object) -> None:
@@ -151,6 +216,17 @@ def _check_retention(days: object) -> None:
         return
     if isinstance(days, bool) or not isinstance(days, int) or days <= 0:
         raise ConfigError("[store] retention_days must be a whole number of days > 0")
+
+
+def _check_redis(store: StoreConfig) -> None:
+    url = store.redis_url
+    if url and not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("[store] redis_url must be a redis(s):// or unix:// URL")
+    timeout = store.redis_timeout_seconds
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise ConfigError("[store] redis_timeout_seconds must be a number")
+    if timeout <= 0:
+        raise ConfigError("[store] redis_timeout_seconds must be more than 0")
 
 
 def _table(raw: dict[str, Any], name: str) -> dict[str, Any]:

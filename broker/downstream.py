@@ -1,7 +1,9 @@
 """Connections to downstream MCP servers, kept open and reused.
 
 Each server in the manifests gets one long-lived MCP client session, owned
-by a supervisor task that reconnects with backoff when the server dies. A
+by a supervisor task that reconnects with backoff when the server dies,
+pings it every few seconds (a server that died or froze is replaced) and
+gives up on a start that does not finish within the connect timeout. A
 call against a server that is down, hangs past the call timeout or answers
 with something the SDK cannot parse becomes ``DownstreamFailed``; it never
 waits forever and never falls back to anything else.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import math
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -22,7 +25,9 @@ import httpx2
 import mcp.types as types
 from mcp import Client, StdioServerParameters
 from mcp.client.context import ClientRequestContext
+from mcp.client.session import IncomingMessage, MessageHandlerFnT
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
 
 from broker.credentials import BrokerAuth, CredentialSource
 from broker.errors import Denied, DownstreamFailed
@@ -33,6 +38,9 @@ T = TypeVar("T")
 
 INITIAL_BACKOFF_SECONDS = 0.25
 MAX_BACKOFF_SECONDS = 30.0
+# A connected server is pinged this often, so that one that died or froze
+# while idle is replaced before a call finds out (and /readyz says so).
+HEALTH_CHECK_SECONDS = 2.0
 PYTHON_PLACEHOLDER = "{python}"
 
 # Set while the supervisor checks a new session's tools against the pins:
@@ -80,30 +88,63 @@ class Downstream:
         backoff = INITIAL_BACKOFF_SECONDS
         while not self._stopping:
             try:
-                async with self.open_session() as client:
-                    self._client, self.last_error = client, ""
-                    if self._on_connected is not None:
-                        # Before anyone else may use the session: the pin check.
-                        token = _checking_pins.set(self)
-                        try:
-                            await self._on_connected(self)
-                        finally:
-                            _checking_pins.reset(token)
-                    self._connected.set()
-                    backoff = INITIAL_BACKOFF_SECONDS
-                    log.info("downstream %s connected", self.name)
-                    await self._lost.wait()
+                # The deadline bounds starting the server and the pin check; a
+                # server that never finishes its handshake is started again.
+                deadline = anyio.current_time() + self.connect_timeout
+                with anyio.CancelScope(deadline=deadline) as connecting:
+                    async with self.open_session() as client:
+                        self._client, self.last_error = client, ""
+                        await self._check_pins()
+                        connecting.deadline = math.inf
+                        self._connected.set()
+                        backoff = INITIAL_BACKOFF_SECONDS
+                        log.info("downstream %s connected", self.name)
+                        await self._watch()
+                if connecting.cancelled_caught:
+                    raise DownstreamFailed(
+                        f"server {self.name} did not start within "
+                        f"{self.connect_timeout:g}s"
+                    )
             except Exception as exc:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("downstream %s unavailable: %s", self.name, self.last_error)
             finally:
-                self._client = None
-                self._connected = anyio.Event()
+                self._unpublish()
                 self._lost = anyio.Event()
             if self._stopping:
                 return
             await anyio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+
+    async def _check_pins(self) -> None:
+        """Before anyone else may use a new session: the pin check."""
+        if self._on_connected is None:
+            return
+        token = _checking_pins.set(self)
+        try:
+            await self._on_connected(self)
+        finally:
+            _checking_pins.reset(token)
+
+    async def _watch(self) -> None:
+        """Return once the session is lost; raise if a health check fails."""
+        while True:
+            with anyio.move_on_after(HEALTH_CHECK_SECONDS):
+                await self._lost.wait()
+                return
+            await self.request("a health check", _ping)
+
+    def _lose(self, reason: str) -> None:
+        """Give up the current session: no new request gets it."""
+        self.last_error = reason
+        self._unpublish()
+        self._lost.set()
+
+    def _unpublish(self) -> None:
+        self._client = None
+        if self._connected.is_set():
+            # Waiting callers hold the fresh event; the next session sets it.
+            self._connected = anyio.Event()
 
     def stop(self) -> None:
         self._stopping = True
@@ -140,17 +181,19 @@ class Downstream:
         except Denied:
             raise
         except Exception as exc:
-            # A broken pipe, a dead process, garbage on the wire: the session
-            # is no longer trustworthy, so drop it and let the supervisor
-            # start a new one.
-            self._mark_lost(client)
-            raise DownstreamFailed(
-                f"server {self.name} failed on {what}: {type(exc).__name__}: {exc}"
-            ) from exc
+            reason = f"{type(exc).__name__}: {exc}"
+            failure = f"server {self.name} failed on {what}: {reason}"
+            if not _answered(exc):
+                # A broken pipe, a dead process: the session is no longer
+                # trustworthy, so drop it and let the supervisor start a new
+                # one. An error the server answered leaves it as it was, or
+                # any caller could restart a server by asking for nonsense.
+                self._mark_lost(client, failure)
+            raise DownstreamFailed(failure) from exc
 
-    def _mark_lost(self, client: Client) -> None:
+    def _mark_lost(self, client: Client, reason: str) -> None:
         if self._client is client:
-            self._lost.set()
+            self._lose(reason)
 
     async def list_tools(self) -> list[types.Tool]:
         """Every tool the server offers now, across pages; not checked against pins."""
@@ -171,6 +214,7 @@ class Downstream:
                 "sampling_callback": self._sampling,
                 "elicitation_callback": self._elicitation,
             }
+        callbacks["message_handler"] = self._unreadable_loses(self._lost)
         if transport.kind == "stdio":
             command = (
                 sys.executable
@@ -216,6 +260,35 @@ class Downstream:
         if handler is None:
             return types.ErrorData(code=types.INVALID_REQUEST, message="not supported")
         return await handler(self.name, "elicit", params)
+
+    def _unreadable_loses(self, lost: anyio.Event) -> MessageHandlerFnT:
+        """A handler that gives up the session ``lost`` belongs to on garbage.
+
+        The SDK skips a line it cannot parse; but the answer it held is gone
+        and whatever the server says next is suspect, so the session goes.
+        """
+
+        async def on_message(message: IncomingMessage) -> None:
+            if isinstance(message, Exception) and lost is self._lost:
+                kind = type(message).__name__
+                log.warning("downstream %s sent an unreadable message", self.name)
+                self._lose(f"server {self.name} sent an unreadable message ({kind})")
+
+        return on_message
+
+
+async def _ping(client: Client) -> None:
+    """Any answer, an error included, shows that the server is alive."""
+    try:
+        await client.session.send_ping()
+    except MCPError as exc:
+        if not _answered(exc):
+            raise
+
+
+def _answered(exc: Exception) -> bool:
+    """Did the server itself answer with this error (so its session is sound)?"""
+    return isinstance(exc, MCPError) and exc.error.code != types.CONNECTION_CLOSED
 
 
 def _list_page(

@@ -1,7 +1,7 @@
 """The broker's one tree of errors.
 
 Every failure inside the broker, and every error of a library at its border
-(PyJWT, cedarpy, sqlite3, the mcp client), becomes one of these::
+(PyJWT, cedarpy, sqlite3, redis, the mcp client), becomes one of these::
 
     BrokerError
     ├── ConfigError           bad configuration, manifest or policy: refuse to start
@@ -14,13 +14,24 @@ Every failure inside the broker, and every error of a library at its border
         ├── Quarantined       the tool drifted from its pinned definition
         ├── MethodRefused     an MCP method outside the mediation table
         ├── DownstreamFailed  the downstream server is down, hung or broken
-        └── RecordFailed      the audit entry could not be written
+        ├── RecordFailed      the audit entry could not be written
+        ├── PendingApproval   held for a human approver; retry once approved
+        ├── Rejected          a human approver rejected the call
+        ├── NotPending        a decision on an action already decided or expired
+        ├── BadRequest        an approver's request that is malformed
+        ├── StoreFailed       the approvals store could not be read or written
+        ├── RateLimited       a call-rate limit is used up; retry later
+        └── LimitUnavailable  a call-rate limit could not be checked
 
-An agent learns only ``category`` and a decision id. ``detail`` is for the
+An agent learns only ``category``, a decision id and what ``told`` holds
+(where to get an approval, an approver's reason). ``detail`` is for the
 audit record and the operator's log, never for the agent.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
 
 
 class BrokerError(Exception):
@@ -39,6 +50,7 @@ class Denied(BrokerError):
     """A request that is refused. ``detail`` never reaches the agent."""
 
     category = "forbidden"
+    told: Mapping[str, str] = MappingProxyType({})
 
     def __init__(self, detail: str = "", *, decision_id: str | None = None) -> None:
         super().__init__(detail or self.category)
@@ -80,3 +92,43 @@ class DownstreamFailed(Denied):
 
 class RecordFailed(Denied):
     category = "record_unavailable"
+
+
+class PendingApproval(Denied):
+    category = "pending_approval"
+
+    def __init__(self, detail: str, *, action_id: str, url: str) -> None:
+        super().__init__(detail)
+        self.told = {
+            "action_id": action_id,
+            "approval_url": url,
+            "next": "once a human approves it there, retry the same call",
+        }
+
+
+class Rejected(Denied):
+    category = "rejected"
+
+    def __init__(self, detail: str, *, action_id: str, reason: str) -> None:
+        super().__init__(detail)
+        self.told = {"action_id": action_id, "reason": reason}
+
+
+class NotPending(Denied):
+    category = "not_pending"
+
+
+class BadRequest(Denied):
+    category = "invalid_request"
+
+
+class StoreFailed(Denied):
+    category = "store_unavailable"
+
+
+class RateLimited(Denied):
+    category = "rate_limited"
+
+
+class LimitUnavailable(Denied):
+    category = "limit_unavailable"

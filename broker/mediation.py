@@ -30,6 +30,8 @@ from mcp import Client
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.shared.exceptions import MCPError
 
+from broker.approvals.gate import Approvals, Ask
+from broker.approvals.model import NOT_APPROVED, Approval, Binding
 from broker.audit import AuditEntry, Store
 from broker.catalog import Catalog, Drift
 from broker.classify import Findings, inspect
@@ -96,6 +98,9 @@ class Mediator:
     store: Store
     clock: Callable[[], float] = time.time
     resource_owner: dict[str, str] = field(default_factory=dict)
+    # Turns a call that only an approval would allow into a pending action;
+    # without it such a call is simply denied.
+    approvals: Approvals | None = None
 
     # ---- the gate every inbound message passes ----------------------------
 
@@ -145,9 +150,31 @@ class Mediator:
 
         async def decide() -> tuple[Decision, Downstream]:
             live = self.catalog.resolve(params.name)
-            decision = self.engine.decide_tool_call(
-                principal, live.spec, arguments, data=findings.classes, now=self.clock()
-            )
+
+            def decide_as(approval: Approval) -> Decision:
+                return self.engine.decide_tool_call(
+                    principal,
+                    live.spec,
+                    arguments,
+                    data=findings.classes,
+                    approval_granted=approval.granted,
+                    approvers=approval.approvers,
+                    now=self.clock(),
+                )
+
+            decision = decide_as(NOT_APPROVED)
+            if not decision.allowed and self.approvals is not None:
+                ask = Ask(
+                    decision_id=entry.decision_id,
+                    principal=principal,
+                    server=live.spec.server,
+                    binding=Binding.of(principal, params.name, arguments),
+                    redacted=findings.redacted,
+                )
+                progress = ctx.session.report_progress
+                decision = await self.approvals.settle(
+                    ask, decision, decide_as, progress
+                )
             return decision, self.downstreams[live.spec.server]
 
         def forward(client: Client) -> Awaitable[types.CallToolResult]:
@@ -445,6 +472,7 @@ def denied_tool_result(denied: Denied) -> types.CallToolResult:
         f"The broker denied this call: {denied.category}. "
         f"Decision id: {denied.decision_id}."
     )
+    text += "".join(f" {name}: {value}." for name, value in denied.told.items())
     return types.CallToolResult(
         content=[types.TextContent(type="text", text=text)],
         structured_content={
@@ -452,6 +480,7 @@ def denied_tool_result(denied: Denied) -> types.CallToolResult:
                 "decision": "deny",
                 "category": denied.category,
                 "decision_id": denied.decision_id,
+                **denied.told,
             }
         },
         is_error=True,

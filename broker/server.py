@@ -8,6 +8,7 @@ verifier. Any problem is a ConfigError and the broker does not start.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -28,16 +29,21 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from broker import __version__
+from broker.approvals.mount import approval_routes, build_approvals
 from broker.audit import SqliteStore, Store
 from broker.auth.edge import BearerAuth, protected_resource_metadata
-from broker.auth.tokens import build_verifier
+from broker.auth.tokens import TokenVerifier, build_verifier
 from broker.catalog import Catalog
 from broker.config import BrokerConfig
 from broker.downstream import Downstream
+from broker.limits import RateLimiter, build_limiter
 from broker.manifest import load_manifests
 from broker.mediation import Mediator
 from broker.observability import MeteredStore, Metrics
 from broker.policy import PolicyEngine
+from broker.reload import PolicyWatcher
+from broker.report_page import ReportPage
+from broker.retention import check_at_start
 
 log = logging.getLogger("broker")
 
@@ -51,6 +57,7 @@ class Broker:
     config: BrokerConfig
     mediator: Mediator
     app: Starlette
+    limiter: RateLimiter
 
 
 def build_broker(config: BrokerConfig, *, store: Store | None = None) -> Broker:
@@ -64,10 +71,14 @@ def build_broker(config: BrokerConfig, *, store: Store | None = None) -> Broker:
             # one that exists, and a missing one stops the start.
             Path(config.store.path).parent.mkdir(parents=True, exist_ok=True)
         store = SqliteStore(config.store.path)
+    check_at_start(store, config.store.retention_days, now=time.time())
     verifier = build_verifier(config)
     metrics = Metrics()
     store = MeteredStore(store, metrics)
+    tool_names = [tool.qualified_name for tool in catalog.pinned]
+    limiter = build_limiter(config.limits, config.store, tool_names)
     mediator = Mediator(engine=engine, catalog=catalog, downstreams={}, store=store)
+    watcher = PolicyWatcher(mediator, config.policy_dir)
     downstreams = {
         name: Downstream(
             m,
@@ -80,6 +91,8 @@ def build_broker(config: BrokerConfig, *, store: Store | None = None) -> Broker:
     for downstream in downstreams.values():
         downstream.credentials.check()
     mediator.downstreams = downstreams
+    approvals = build_approvals(config, store, lambda: mediator.engine)
+    mediator.approvals = approvals
 
     mcp_server = _mcp_server(mediator)
     manager = StreamableHTTPSessionManager(
@@ -105,10 +118,12 @@ def build_broker(config: BrokerConfig, *, store: Store | None = None) -> Broker:
     )
     routes = [
         Route("/mcp", endpoint=mcp_endpoint),
+        Route("/report", endpoint=_report_page(mediator, verifier, config, on_denied)),
         protected_resource_metadata(config),
         Route("/healthz", endpoint=_healthz),
-        Route("/readyz", endpoint=_readyz_for(mediator)),
+        Route("/readyz", endpoint=_readyz_for(mediator, watcher)),
         metrics.route(),
+        *approval_routes(config, approvals, verifier, on_denied),
     ]
 
     @asynccontextmanager
@@ -116,6 +131,8 @@ def build_broker(config: BrokerConfig, *, store: Store | None = None) -> Broker:
         async with manager.run(), anyio.create_task_group() as tasks:
             for downstream in downstreams.values():
                 tasks.start_soon(downstream.supervise)
+            tasks.start_soon(watcher.run)
+            tasks.start_soon(approvals.run)
             with anyio.move_on_after(STARTUP_CONNECT_SECONDS):
                 for downstream in downstreams.values():
                     await downstream.wait_connected()
@@ -123,11 +140,13 @@ def build_broker(config: BrokerConfig, *, store: Store | None = None) -> Broker:
             for downstream in downstreams.values():
                 downstream.stop()
             tasks.cancel_scope.cancel()
+        await limiter.aclose()
         store.close()
+        approvals.store.close()
 
     app = Starlette(routes=routes, lifespan=lifespan)
     app.add_middleware(HostGuard, config=config)
-    return Broker(config=config, mediator=mediator, app=app)
+    return Broker(config=config, mediator=mediator, app=app, limiter=limiter)
 
 
 def _mcp_server(mediator: Mediator) -> Server[Any]:
@@ -148,17 +167,29 @@ def _mcp_server(mediator: Mediator) -> Server[Any]:
     return server
 
 
+def _report_page(
+    mediator: Mediator, verifier: TokenVerifier, config: BrokerConfig, on_denied: Any
+) -> BearerAuth:
+    """The denied-call report, behind the same bearer check as /mcp."""
+    page = ReportPage(mediator.store, lambda: mediator.engine, mediator.clock)
+    return BearerAuth(page, verifier, config, on_denied)
+
+
 async def _healthz(request: Request) -> Response:
     return JSONResponse({"status": "alive"})
 
 
-def _readyz_for(mediator: Mediator) -> Any:
+def _readyz_for(mediator: Mediator, watcher: PolicyWatcher) -> Any:
+    """Ready when every downstream server is connected and the policies load."""
+
     async def readyz(request: Request) -> Response:
-        servers = {name: d.connected for name, d in mediator.downstreams.items()}
-        ready = all(servers.values())
-        return JSONResponse(
-            {"ready": ready, "servers": servers}, status_code=200 if ready else 503
-        )
+        servers = {
+            name: {"connected": d.connected, "last_error": d.last_error}
+            for name, d in mediator.downstreams.items()
+        }
+        ready = all(s["connected"] for s in servers.values()) and not watcher.error
+        body = {"ready": ready, "servers": servers, "policies": watcher.status}
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     return readyz
 

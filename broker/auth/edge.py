@@ -43,11 +43,16 @@ class BearerAuth:
         verifier: TokenVerifier,
         config: BrokerConfig,
         on_denied: OnDenied,
+        *,
+        required_scopes: tuple[str, ...] | None = None,
     ) -> None:
+        """``required_scopes`` replaces ``[auth] required_scopes`` when given."""
         self._app = app
         self._verifier = verifier
         self._on_denied = on_denied
-        self._required = config.auth.required_scopes
+        self._required = (
+            config.auth.required_scopes if required_scopes is None else required_scopes
+        )
         self._metadata_param = f"resource_metadata={_quoted(config.metadata_url)}"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

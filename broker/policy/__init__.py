@@ -9,7 +9,8 @@ The Cedar model, built at load from ``cedar_policies/`` and the pinned tools:
   ``Action::"call_tool"``, whose ``context.input`` is typed from the tool's
   input schema (see ``broker.policy.schema``);
 - ``read_resource`` and ``get_prompt`` on a Server; ``sample`` and ``elicit``
-  with the Server as principal and the User as resource.
+  with the Server as principal and the User as resource;
+- ``read_report`` on ``Report::"<name>"`` (the broker's reports on its record).
 """
 
 from broker.policy.engine import Decision, PolicyEngine

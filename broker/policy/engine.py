@@ -89,13 +89,14 @@ class PolicyEngine:
         *,
         data: frozenset[str],
         approval_granted: bool = False,
+        approvers: Iterable[str] = (),
         now: float,
     ) -> Decision:
         """May ``principal`` call ``tool`` with ``arguments``?"""
         context = {
             **_common(principal, now),
             "data": sorted(data),
-            "approval": {"granted": approval_granted},
+            "approval": {"granted": approval_granted, "approvers": sorted(approvers)},
             "input": cedar_value(self._input_of(tool), arguments, "input"),
         }
         return self._decide(
@@ -137,6 +138,54 @@ class PolicyEngine:
             _uid("Action", "get_prompt"),
             _uid("Server", server),
             context,
+        )
+
+    @_fail_closed
+    def decide_report_read(
+        self, principal: Principal, report: str, *, now: float
+    ) -> Decision:
+        """May ``principal`` read the broker's report ``report``?"""
+        return self._decide(
+            principal,
+            _uid("User", principal.subject),
+            _uid("Action", "read_report"),
+            _uid("Report", report),
+            _common(principal, now),
+        )
+
+    @_fail_closed
+    def decide_approval(
+        self,
+        approver: Principal,
+        verdict: Literal["approve", "reject"],
+        *,
+        action_id: str,
+        requester: str,
+        client: str,
+        tool: str,
+        now: float,
+    ) -> Decision:
+        """May ``approver`` approve (or reject) the pending action ``action_id``?
+
+        ``requester`` and ``client`` are the subject and agent that asked,
+        ``tool`` the qualified name of the tool the action would call.
+        """
+        pending = {
+            "uid": _uid("PendingAction", action_id),
+            "attrs": {
+                "requester": {"__entity": _uid("User", requester)},
+                "client": client,
+                "tool": {"__entity": _uid("Tool", tool)},
+            },
+            "parents": [],
+        }
+        return self._decide(
+            approver,
+            _uid("User", approver.subject),
+            _uid("Action", verdict),
+            _uid("PendingAction", action_id),
+            _common(approver, now),
+            extra_entities=json.dumps([pending]),
         )
 
     @_fail_closed
@@ -225,11 +274,13 @@ class PolicyEngine:
         action: dict[str, str],
         resource: dict[str, str],
         context: dict[str, Any],
+        extra_entities: str | None = None,
     ) -> Decision:
         """Decide in full, with the schema.
 
         ``actor`` is Cedar's principal: the user, or for sample and elicit the
-        server. ``principal`` supplies the entities, the user and its groups.
+        server. ``principal`` supplies the entities, the user and its groups;
+        ``extra_entities`` (Cedar JSON) adds those of this request alone.
         """
         request = {
             "principal": actor,
@@ -237,10 +288,13 @@ class PolicyEngine:
             "resource": resource,
             "context": context,
         }
+        entities = self._entities(principal)
+        if extra_entities is not None:
+            entities = entities.with_added_json_str(extra_entities)
         result = cedarpy.is_authorized(
             request,
             self._loaded.policies,
-            self._entities(principal),
+            entities,
             self._loaded.schema,
         )
         labels = self._loaded.labels
