@@ -94,6 +94,9 @@ class Manifest:
     tools: Mapping[str, ToolSpec]
     description: str = ""
     path: Path | None = None
+    # Decide and record, but forward a would-be denial anyway: for rolling
+    # out new policies against one server before they are enforced.
+    shadow: bool = False
 
 
 def load_manifests(directory: Path) -> dict[str, Manifest]:
@@ -137,6 +140,7 @@ def manifest_from_dict(raw: Mapping[str, Any], path: Path | None = None) -> Mani
         tools=tools,
         description=str(raw.get("description", "")),
         path=path,
+        shadow=_bool(raw, "shadow", server),
     )
 
 

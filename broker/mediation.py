@@ -46,7 +46,9 @@ from broker.errors import (
     RecordFailed,
     Unauthenticated,
 )
+from broker.limits import LocalLimiter, RateLimiter
 from broker.manifest import SEPARATOR
+from broker.observability import current_decision
 from broker.policy import Decision, PolicyEngine
 from broker.principal import Principal
 
@@ -101,6 +103,9 @@ class Mediator:
     # Turns a call that only an approval would allow into a pending action;
     # without it such a call is simply denied.
     approvals: Approvals | None = None
+    limiter: RateLimiter = field(default_factory=lambda: LocalLimiter(()))
+    # Servers whose would-be denials are recorded but still forwarded.
+    shadow: frozenset[str] = frozenset()
 
     # ---- the gate every inbound message passes ----------------------------
 
@@ -150,6 +155,7 @@ class Mediator:
 
         async def decide() -> tuple[Decision, Downstream]:
             live = self.catalog.resolve(params.name)
+            await self.limiter.check(principal, live.spec.qualified_name, self.clock())
 
             def decide_as(approval: Approval) -> Decision:
                 return self.engine.decide_tool_call(
@@ -163,7 +169,8 @@ class Mediator:
                 )
 
             decision = decide_as(NOT_APPROVED)
-            if not decision.allowed and self.approvals is not None:
+            shadowed = live.spec.server in self.shadow
+            if not decision.allowed and self.approvals is not None and not shadowed:
                 ask = Ask(
                     decision_id=entry.decision_id,
                     principal=principal,
@@ -302,9 +309,13 @@ class Mediator:
         try:
             decision, downstream = await decide()
             entry = replace(entry, reasons=decision.reasons, errors=decision.errors)
-            if not decision.allowed:
+            if decision.allowed:
+                self.store.record(replace(entry, outcome="allow", category="allowed"))
+            elif downstream.name in self.shadow:
+                entry = replace(entry, shadow=True)
+                self.store.record(replace(entry, detail="shadow mode: forwarded"))
+            else:
                 raise Forbidden("policy did not allow it")
-            self.store.record(replace(entry, outcome="allow", category="allowed"))
             return await downstream.request(what, forward)
         except Denied as denied:
             denied.decision_id = entry.decision_id
@@ -374,9 +385,14 @@ class Mediator:
         tool: str | None = None,
         findings: Findings | None = None,
     ) -> AuditEntry:
-        """An entry for a decision about to be made; a denial until decided."""
+        """An entry for a decision about to be made; a denial until decided.
+
+        Its decision id also tags every log line written while it is decided.
+        """
+        decision_id = new_decision_id()
+        current_decision.set(decision_id)
         return AuditEntry(
-            decision_id=new_decision_id(),
+            decision_id=decision_id,
             time=self.clock(),
             method=method,
             outcome="deny",
@@ -384,6 +400,8 @@ class Mediator:
             subject=principal.subject if principal else None,
             issuer=principal.issuer if principal else None,
             client_id=principal.client_id if principal else None,
+            groups=tuple(sorted(principal.groups)) if principal else (),
+            scopes=tuple(sorted(principal.scopes)) if principal else (),
             server=server or None,
             tool=tool,
             arguments=findings.redacted if findings else None,

@@ -77,7 +77,21 @@ def build_broker(config: BrokerConfig, *, store: Store | None = None) -> Broker:
     store = MeteredStore(store, metrics)
     tool_names = [tool.qualified_name for tool in catalog.pinned]
     limiter = build_limiter(config.limits, config.store, tool_names)
-    mediator = Mediator(engine=engine, catalog=catalog, downstreams={}, store=store)
+    shadow = frozenset(
+        name for name, m in manifests.items() if m.shadow or config.shadow
+    )
+    for name in sorted(shadow):
+        log.warning(
+            "SHADOW MODE for server %s: denials are recorded but NOT enforced", name
+        )
+    mediator = Mediator(
+        engine=engine,
+        catalog=catalog,
+        downstreams={},
+        store=store,
+        limiter=limiter,
+        shadow=shadow,
+    )
     watcher = PolicyWatcher(mediator, config.policy_dir)
     downstreams = {
         name: Downstream(
