@@ -86,8 +86,12 @@ def write_config(
     policy_dir: Path = POLICIES,
     extra_broker: str = "",
     extra_tables: str = "",
+    store: str = 'path = "state.db"',
 ) -> Path:
-    """A configuration for a broker on ``port``; ``extra_tables`` is appended."""
+    """A configuration for a broker on ``port``; ``extra_tables`` is appended.
+
+    ``store`` is the body of the ``[store]`` table.
+    """
     config = workdir / "broker.toml"
     config.write_text(
         f"""
@@ -106,7 +110,7 @@ issuer = "{idp_issuer}"
 jwks_url = "{jwks_url}"
 
 [store]
-path = "state.db"
+{store}
 
 {extra_tables}
 """,
@@ -123,6 +127,18 @@ def install_manifest(workdir: Path, manifest: dict[str, Any] | None = None) -> N
     else:
         path = target / f"{manifest['server']}.json"
         path.write_text(json.dumps(manifest), encoding="utf-8")
+
+
+def stdio_manifest(*args: str, **transport: Any) -> dict[str, Any]:
+    """The demo manifest's pins, served by ``{python} <args>`` instead."""
+    manifest = demo_manifest()
+    manifest["transport"] = {
+        "type": "stdio",
+        "command": "{python}",
+        "args": list(args),
+        **transport,
+    }
+    return manifest
 
 
 def demo_manifest() -> dict[str, Any]:

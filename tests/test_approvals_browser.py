@@ -18,20 +18,11 @@ import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
 from tests.approvals_support import DELETE, agent_token, shared_broker
+from tests.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.harness import REPO, RunningBroker, agent
 from tests.idp import LocalIdP
 from tests.oidc import OidcProvider
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 SCREENSHOT = REPO / "docs" / "approvals.png"
 
 

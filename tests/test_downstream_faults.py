@@ -17,9 +17,9 @@ from mcp.shared.exceptions import MCPError
 from tests.harness import (
     RunningBroker,
     agent,
-    demo_manifest,
     install_manifest,
     running_broker,
+    stdio_manifest,
     write_config,
 )
 from tests.idp import LocalIdP
@@ -70,14 +70,9 @@ def entry_for(broker: RunningBroker, decision_id: str) -> Any:
 def faulty_workdir(workdir: Path, live_idp: LocalIdP, port: int, **env: str) -> Path:
     """A broker configuration whose demo server is ``faulty_server.py``."""
     write_config(workdir, port, live_idp.issuer, live_idp.jwks_url)
-    manifest = demo_manifest()
-    manifest["transport"] = {
-        "type": "stdio",
-        "command": "{python}",
-        "args": [str(FAULTY_SERVER)],
-        "env": env,
-        "passthrough": ["DEMO_RECORD_PATH"],
-    }
+    manifest = stdio_manifest(
+        str(FAULTY_SERVER), env=env, passthrough=["DEMO_RECORD_PATH"]
+    )
     install_manifest(workdir, manifest)
     return workdir
 
@@ -225,13 +220,7 @@ async def test_server_that_never_finishes_its_handshake_is_reported(
 ) -> None:
     """A server that starts and never answers is given up on and /readyz says so."""
     write_config(tmp_path, port, live_idp.issuer, live_idp.jwks_url)
-    manifest = demo_manifest()
-    manifest["transport"] = {
-        "type": "stdio",
-        "command": "{python}",
-        "args": ["-c", "import time; time.sleep(120)"],
-    }
-    install_manifest(tmp_path, manifest)
+    install_manifest(tmp_path, stdio_manifest("-c", "import time; time.sleep(120)"))
     with running_broker(tmp_path, port, wait_ready=False) as broker:
 
         def given_up() -> str:

@@ -20,6 +20,7 @@ from tests.harness import (
     free_port,
     install_manifest,
     running_broker,
+    stdio_manifest,
     write_config,
 )
 from tests.idp import LocalIdP
@@ -54,13 +55,7 @@ async def test_dead_downstream_denies_and_records(
 ) -> None:
     """A server whose process exits at once: calls are denied and recorded."""
     write_config(tmp_path, port, live_idp.issuer, live_idp.jwks_url)
-    manifest = demo_manifest()
-    manifest["transport"] = {
-        "type": "stdio",
-        "command": "{python}",
-        "args": ["-c", "import sys; sys.exit(3)"],
-    }
-    install_manifest(tmp_path, manifest)
+    install_manifest(tmp_path, stdio_manifest("-c", "import sys; sys.exit(3)"))
     with running_broker(tmp_path, port, wait_ready=False) as broker:
         async with agent(broker.url, live_idp.token()) as client:
             result = await client.call_tool("demo.echo", {"text": "hi"})

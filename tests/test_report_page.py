@@ -22,20 +22,11 @@ import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from broker.audit import AuditEntry, SqliteStore
+from tests.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.decisions import SCRIPT, a_day, denials_of
 from tests.harness import RunningBroker, agent, running_broker
 from tests.idp import LocalIdP
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "report.png"
 
 
