@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -27,6 +28,8 @@ from typing import Protocol
 from broker import chain
 from broker.chain import Checkpoint, Head, Link, Verification
 from broker.errors import ConfigError, RecordFailed
+
+_log = logging.getLogger("broker.audit")
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,3 +439,21 @@ def _link(row: sqlite3.Row) -> Link:
     except (TypeError, ValueError):
         entry = None
     return Link(int(row["seq"]), entry, str(row["prev_hash"]), str(row["entry_hash"]))
+
+
+def record_or_log(store: Store, entry: AuditEntry) -> None:
+    """Record an entry whose outcome stands either way, such as a denial.
+
+    A denial must not turn into anything else because the record is down;
+    when the entry cannot be written, the log keeps it instead.
+    """
+    try:
+        store.record(entry)
+    except RecordFailed as exc:
+        _log.error(
+            "audit record failed for %s %s (%s): %s",
+            entry.outcome,
+            entry.method,
+            entry.decision_id,
+            exc.detail,
+        )

@@ -32,7 +32,7 @@ from mcp.shared.exceptions import MCPError
 
 from broker.approvals.gate import Approvals, Ask
 from broker.approvals.model import NOT_APPROVED, Approval, Binding
-from broker.audit import AuditEntry, Store
+from broker.audit import AuditEntry, Store, record_or_log
 from broker.catalog import Catalog, Drift
 from broker.classify import Findings, inspect
 from broker.downstream import Downstream
@@ -43,7 +43,6 @@ from broker.errors import (
     MethodRefused,
     NotFound,
     Quarantined,
-    RecordFailed,
     Unauthenticated,
 )
 from broker.limits import LocalLimiter, RateLimiter
@@ -424,16 +423,7 @@ class Mediator:
         )
 
     def keep_denial(self, entry: AuditEntry) -> None:
-        """Record a denial; if that fails, the denial stands and the log keeps it."""
-        try:
-            self.store.record(entry)
-        except RecordFailed as exc:
-            log.error(
-                "audit record failed for denied %s (%s): %s",
-                entry.method,
-                entry.decision_id,
-                exc.detail,
-            )
+        record_or_log(self.store, entry)
 
     def record_list(self, principal: Principal, method: str, detail: str) -> None:
         entry = self.new_entry(principal, method)

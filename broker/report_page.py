@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from broker.audit import AuditEntry, Store
+from broker.audit import AuditEntry, Store, record_or_log
 from broker.auth.edge import PRINCIPAL_KEY
 from broker.classify import inspect
 from broker.errors import Forbidden, RecordFailed
@@ -102,15 +102,7 @@ class ReportPage:
         return entry
 
     def _refused(self, entry: AuditEntry) -> Response:
-        try:
-            self._store.record(entry)
-        except RecordFailed as exc:
-            # The refusal stands whether or not it could be recorded.
-            log.error(
-                "audit record failed for refused report read (%s): %s",
-                entry.decision_id,
-                exc.detail,
-            )
+        record_or_log(self._store, entry)
         text = (
             "Policy does not let you read this report. "
             f"Decision id: {entry.decision_id}."

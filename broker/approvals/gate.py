@@ -34,7 +34,7 @@ from broker.approvals.model import (
 )
 from broker.approvals.store import ApprovalStore
 from broker.approvals.webhook import Webhook
-from broker.audit import AuditEntry, Store
+from broker.audit import AuditEntry, Store, record_or_log
 from broker.config import ApprovalsConfig
 from broker.errors import (
     BadRequest,
@@ -42,7 +42,6 @@ from broker.errors import (
     Forbidden,
     NotFound,
     PendingApproval,
-    RecordFailed,
     Rejected,
 )
 from broker.policy import Decision, PolicyEngine
@@ -310,10 +309,7 @@ class Approvals:
 
     def _keep(self, entry: AuditEntry, decision: Decision | None = None) -> None:
         """Record an entry whose outcome stands whether or not it is recorded."""
-        try:
-            self.audit.record(_with(entry, decision) if decision else entry)
-        except RecordFailed as exc:
-            log.error("audit record failed for %s: %s", entry.method, exc.detail)
+        record_or_log(self.audit, _with(entry, decision) if decision else entry)
 
 
 def _with(entry: AuditEntry, decision: Decision) -> AuditEntry:
