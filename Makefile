@@ -5,22 +5,24 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench browser clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
-	# The report page is tested in Debian's Chromium; nothing downloads a browser.
+	touch $@
+
+# The web pages are tested in Debian's Chromium; nothing downloads a browser.
+browser:
 	test -x /usr/bin/chromium || (apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
-	touch $@
 
 demo: $(VENV)/.installed
 	$(BIN)/broker check
 	$(BIN)/broker serve
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed browser
 	$(BIN)/ruff check broker tests benchmarks
 	$(BIN)/ruff format --check broker tests benchmarks
 	$(BIN)/mypy
