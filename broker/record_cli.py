@@ -21,13 +21,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from broker import replay as replaying
-from broker.audit import SqliteStore
+from broker.audit import Store
 from broker.chain import describe
 from broker.config import BrokerConfig, load_config
 from broker.errors import ConfigError, RecordFailed
 from broker.report import EXACT_FILTERS, build, filters_from, read_denials
 from broker.report_render import FORMATS, columns, printable, render
 from broker.retention import cutoff
+from broker.stores import open_store
 from broker.when import parse_instant, parse_span
 
 Run = Callable[[argparse.Namespace], int]
@@ -121,11 +122,11 @@ def _guarded(run: Run) -> Run:
     return guarded
 
 
-def _open_store(config: BrokerConfig) -> SqliteStore:
+def _open_store(config: BrokerConfig) -> Store:
     path = Path(config.store.path)
-    if not path.is_file():
+    if config.store.type == "sqlite" and not path.is_file():
         raise ConfigError(f"audit store {path} does not exist")
-    return SqliteStore(path)
+    return open_store(config.store)
 
 
 # ---- audit ------------------------------------------------------------------------

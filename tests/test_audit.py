@@ -1,4 +1,7 @@
-"""The audit record in SQLite: what it keeps, how it is read, how it fails."""
+"""The audit record: what it keeps, how it is read, how it fails.
+
+Tests taking ``store`` or ``backing`` run once on SQLite and once on Redis.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from broker.audit import AuditEntry, SqliteStore
+from broker.audit import AuditEntry, SqliteStore, Store
 from broker.errors import ConfigError, RecordFailed
+from tests.stores import Backing
 
 
 def _entry(decision_id: str, time: float, outcome: str = "allow") -> AuditEntry:
@@ -31,7 +35,14 @@ def _ids(entries: list[AuditEntry]) -> list[str]:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqliteStore]:
+def store(backing: Backing) -> Iterator[Store]:
+    opened = backing.open()
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def sqlite_store(tmp_path: Path) -> Iterator[SqliteStore]:
     opened = SqliteStore(tmp_path / "audit.db")
     yield opened
     opened.close()
@@ -54,7 +65,7 @@ def no_room_to_write() -> Iterator[None]:
         signal.signal(signal.SIGXFSZ, previous)
 
 
-def test_an_entry_comes_back_as_it_was_recorded(store: SqliteStore) -> None:
+def test_an_entry_comes_back_as_it_was_recorded(store: Store) -> None:
     """Every field, tuples and JSON arguments included, survives the round trip."""
     entry = AuditEntry(
         decision_id="d-1",
@@ -80,7 +91,7 @@ def test_an_entry_comes_back_as_it_was_recorded(store: SqliteStore) -> None:
     assert store.entries() == [entry]
 
 
-def test_optional_fields_come_back_empty(store: SqliteStore) -> None:
+def test_optional_fields_come_back_empty(store: Store) -> None:
     """An edge denial with no subject, tool or arguments is kept as such."""
     entry = AuditEntry("d-2", 5.0, "http", "deny", "unauthenticated")
 
@@ -89,13 +100,12 @@ def test_optional_fields_come_back_empty(store: SqliteStore) -> None:
     assert store.entries() == [entry]
 
 
-def test_an_entry_is_committed_when_record_returns(tmp_path: Path) -> None:
+def test_an_entry_is_committed_when_record_returns(backing: Backing) -> None:
     """Another connection sees the entry at once: nothing waits to be flushed."""
-    path = tmp_path / "audit.db"
-    store = SqliteStore(path)
+    store = backing.open()
     store.record(_entry("d-1", 1.0))
 
-    reader = SqliteStore(path)
+    reader = backing.open()
     try:
         assert _ids(reader.entries()) == ["d-1"]
     finally:
@@ -103,7 +113,7 @@ def test_an_entry_is_committed_when_record_returns(tmp_path: Path) -> None:
         store.close()
 
 
-def test_entries_are_oldest_first(store: SqliteStore) -> None:
+def test_entries_are_oldest_first(store: Store) -> None:
     """Entries are ordered by time, whatever the order they were written in."""
     for decision_id, time in [("b", 2.0), ("c", 3.0), ("a", 1.0)]:
         store.record(_entry(decision_id, time))
@@ -111,7 +121,18 @@ def test_entries_are_oldest_first(store: SqliteStore) -> None:
     assert _ids(store.entries()) == ["a", "b", "c"]
 
 
-def test_entries_filter_by_time_and_outcome(store: SqliteStore) -> None:
+def test_entries_at_the_same_time_keep_the_order_they_were_written_in(
+    store: Store,
+) -> None:
+    """Entries with equal times come back in chain order, past ten of them too."""
+    names = [f"d{n}" for n in range(12)]
+    for name in reversed(names):
+        store.record(_entry(name, 5.0))
+
+    assert _ids(store.entries()) == list(reversed(names))
+
+
+def test_entries_filter_by_time_and_outcome(store: Store) -> None:
     """``since`` is inclusive, ``until`` exclusive, ``outcome`` exact."""
     for n in range(6):
         store.record(_entry(f"d{n}", float(n), "deny" if n % 2 else "allow"))
@@ -123,7 +144,7 @@ def test_entries_filter_by_time_and_outcome(store: SqliteStore) -> None:
     assert _ids(store.entries(outcome="allow", since=1.0)) == ["d2", "d4"]
 
 
-def test_entries_stop_at_the_limit(store: SqliteStore) -> None:
+def test_entries_stop_at_the_limit(store: Store) -> None:
     """``limit`` keeps the oldest entries; a limit of zero returns none."""
     for n in range(5):
         store.record(_entry(f"d{n}", float(n)))
@@ -132,7 +153,7 @@ def test_entries_stop_at_the_limit(store: SqliteStore) -> None:
     assert store.entries(limit=0) == []
 
 
-def test_count_counts_every_entry(store: SqliteStore) -> None:
+def test_count_counts_every_entry(store: Store) -> None:
     """``count`` is the number of entries recorded, of either outcome."""
     assert store.count() == 0
 
@@ -142,28 +163,28 @@ def test_count_counts_every_entry(store: SqliteStore) -> None:
     assert store.count() == 2
 
 
-def test_entries_survive_reopening(tmp_path: Path) -> None:
-    """A store opened again on the same file has what was recorded before."""
-    first = SqliteStore(tmp_path / "audit.db")
+def test_entries_survive_reopening(backing: Backing) -> None:
+    """A store opened again on the same record has what was recorded before."""
+    first = backing.open()
     first.record(_entry("d1", 1.0))
     first.close()
 
-    second = SqliteStore(tmp_path / "audit.db")
+    second = backing.open()
     try:
         assert second.count() == 1
     finally:
         second.close()
 
 
-def test_the_database_is_in_wal_mode(store: SqliteStore) -> None:
+def test_the_database_is_in_wal_mode(sqlite_store: SqliteStore) -> None:
     """The file is switched to write-ahead logging when opened."""
-    with sqlite3.connect(store.path) as db:
+    with sqlite3.connect(sqlite_store.path) as db:
         (mode,) = db.execute("PRAGMA journal_mode").fetchone()
 
     assert mode == "wal"
 
 
-def test_writes_from_many_threads_are_all_kept(store: SqliteStore) -> None:
+def test_writes_from_many_threads_are_all_kept(store: Store) -> None:
     """The store is shared by threads; no entry is lost to a race."""
 
     def write(worker: int) -> None:
@@ -179,28 +200,28 @@ def test_writes_from_many_threads_are_all_kept(store: SqliteStore) -> None:
     assert store.count() == 100
 
 
-def test_a_full_disk_makes_record_fail(store: SqliteStore) -> None:
+def test_a_full_disk_makes_record_fail(sqlite_store: SqliteStore) -> None:
     """When SQLite cannot write, record raises RecordFailed with the reason."""
     with no_room_to_write(), pytest.raises(RecordFailed) as failure:
-        store.record(_entry("d-full", 1.0))
+        sqlite_store.record(_entry("d-full", 1.0))
 
     assert failure.value.decision_id == "d-full"
     assert "d-full" in failure.value.detail
     assert "not written" in failure.value.detail
 
 
-def test_the_store_works_again_once_there_is_room(store: SqliteStore) -> None:
+def test_the_store_works_again_once_there_is_room(sqlite_store: SqliteStore) -> None:
     """A failed write loses nothing kept before and leaves the store usable."""
-    store.record(_entry("before", 1.0))
+    sqlite_store.record(_entry("before", 1.0))
     with no_room_to_write(), pytest.raises(RecordFailed):
-        store.record(_entry("during", 2.0))
+        sqlite_store.record(_entry("during", 2.0))
 
-    store.record(_entry("after", 3.0))
+    sqlite_store.record(_entry("after", 3.0))
 
-    assert _ids(store.entries()) == ["before", "after"]
+    assert _ids(sqlite_store.entries()) == ["before", "after"]
 
 
-def test_record_on_a_closed_store_fails(store: SqliteStore) -> None:
+def test_record_on_a_closed_store_fails(store: Store) -> None:
     """A closed store refuses to record rather than dropping the entry."""
     store.close()
 
@@ -208,8 +229,8 @@ def test_record_on_a_closed_store_fails(store: SqliteStore) -> None:
         store.record(_entry("d1", 1.0))
 
 
-def test_reading_a_closed_store_fails_with_a_broker_error(store: SqliteStore) -> None:
-    """Reads map SQLite errors into the broker's tree as well."""
+def test_reading_a_closed_store_fails_with_a_broker_error(store: Store) -> None:
+    """Reads map the store's own errors into the broker's tree as well."""
     store.close()
 
     with pytest.raises(RecordFailed):
@@ -218,7 +239,7 @@ def test_reading_a_closed_store_fails_with_a_broker_error(store: SqliteStore) ->
         store.entries()
 
 
-def test_an_unknown_outcome_is_refused(store: SqliteStore) -> None:
+def test_an_unknown_outcome_is_refused(store: Store) -> None:
     """Only "allow" and "deny" are outcomes; anything else is not recorded."""
     with pytest.raises(RecordFailed):
         store.record(_entry("d1", 1.0, outcome="maybe"))
@@ -226,7 +247,7 @@ def test_an_unknown_outcome_is_refused(store: SqliteStore) -> None:
     assert store.count() == 0
 
 
-def test_arguments_that_are_not_json_are_refused(store: SqliteStore) -> None:
+def test_arguments_that_are_not_json_are_refused(store: Store) -> None:
     """An entry whose arguments cannot be stored as JSON is not recorded."""
     entry = AuditEntry("d1", 1.0, "tools/call", "allow", "allowed", arguments={1j})
 

@@ -1,4 +1,8 @@
-"""The hash chain of the audit record: tampering found, pruning verifiable."""
+"""The hash chain of the audit record: tampering found, pruning verifiable.
+
+Tests taking ``store`` or ``backing`` run once on SQLite and once on Redis;
+each kind is tampered with through its own helper in ``tests.stores``.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from broker import chain
-from broker.audit import AuditEntry, SqliteStore
+from broker.audit import AuditEntry, SqliteStore, Store
 from broker.errors import ConfigError
+from tests.stores import Backing
 
 
 def _entry(n: int, **changes: object) -> AuditEntry:
@@ -30,38 +35,28 @@ def _entry(n: int, **changes: object) -> AuditEntry:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqliteStore]:
-    opened = SqliteStore(tmp_path / "audit.db")
+def store(backing: Backing) -> Iterator[Store]:
+    opened = backing.open()
     for n in range(1, 7):
         opened.record(_entry(n))
     yield opened
     opened.close()
 
 
-def tamper(store: SqliteStore, *statements: str) -> None:
-    """Change the file behind the store's back, as someone with the file could."""
-    with sqlite3.connect(store.path) as db:
-        for statement in statements:
-            db.execute(statement)
-
-
-def test_an_untouched_store_verifies(store: SqliteStore) -> None:
+def test_an_untouched_store_verifies(store: Store, backing: Backing) -> None:
     """Every entry is checked and the head is the last entry's hash."""
     result = store.verify()
 
     assert result.intact
     assert result.checked == 6
     assert result.head.seq == 6
-    with sqlite3.connect(store.path) as db:
-        (last,) = db.execute(
-            "SELECT entry_hash FROM audit_entries WHERE seq = 6"
-        ).fetchone()
+    _, last = backing.hashes(6)
     assert result.head.hash == last
 
 
-def test_an_empty_store_verifies(tmp_path: Path) -> None:
+def test_an_empty_store_verifies(backing: Backing) -> None:
     """A store with no entries is an intact chain of none."""
-    empty = SqliteStore(tmp_path / "empty.db")
+    empty = backing.open()
     try:
         result = empty.verify()
     finally:
@@ -70,13 +65,9 @@ def test_an_empty_store_verifies(tmp_path: Path) -> None:
     assert (result.intact, result.checked) == (True, 0)
 
 
-def test_an_edited_entry_is_found(store: SqliteStore) -> None:
+def test_an_edited_entry_is_found(store: Store, backing: Backing) -> None:
     """Turning a denial into an allow breaks that entry's own hash."""
-    tamper(
-        store,
-        "UPDATE audit_entries SET outcome = 'allow', category = 'allowed' "
-        "WHERE seq = 3",
-    )
+    backing.edit(3, outcome="allow", category="allowed")
 
     result = store.verify()
 
@@ -86,18 +77,14 @@ def test_an_edited_entry_is_found(store: SqliteStore) -> None:
 
 
 def test_an_edit_with_a_recomputed_hash_breaks_the_next_link(
-    store: SqliteStore,
+    store: Store, backing: Backing
 ) -> None:
     """Rehashing the edited entry is not enough: the entry after it no longer fits."""
     edited = _entry(3, arguments={"text": "nothing to see"})
-    with sqlite3.connect(store.path) as db:
-        (prev,) = db.execute(
-            "SELECT prev_hash FROM audit_entries WHERE seq = 3"
-        ).fetchone()
-        db.execute(
-            "UPDATE audit_entries SET arguments = ?, entry_hash = ? WHERE seq = 3",
-            ('{"text": "nothing to see"}', chain.entry_hash(edited, prev)),
-        )
+    prev, _ = backing.hashes(3)
+    backing.edit(
+        3, arguments=edited.arguments, entry_hash=chain.entry_hash(edited, prev)
+    )
 
     result = store.verify()
 
@@ -105,9 +92,9 @@ def test_an_edit_with_a_recomputed_hash_breaks_the_next_link(
     assert "does not follow" in result.problem
 
 
-def test_a_deleted_entry_is_found(store: SqliteStore) -> None:
+def test_a_deleted_entry_is_found(store: Store, backing: Backing) -> None:
     """Removing an entry from the middle breaks the link of the one after it."""
-    tamper(store, "DELETE FROM audit_entries WHERE seq = 4")
+    backing.delete(4)
 
     result = store.verify()
 
@@ -115,16 +102,16 @@ def test_a_deleted_entry_is_found(store: SqliteStore) -> None:
     assert "removed, inserted or moved" in result.problem
 
 
-def test_a_deleted_first_entry_is_found(store: SqliteStore) -> None:
+def test_a_deleted_first_entry_is_found(store: Store, backing: Backing) -> None:
     """The first entry must follow the start of the chain."""
-    tamper(store, "DELETE FROM audit_entries WHERE seq = 1")
+    backing.delete(1)
 
     assert store.verify().broken_at == 2
 
 
-def test_deleted_last_entries_are_found(store: SqliteStore) -> None:
+def test_deleted_last_entries_are_found(store: Store, backing: Backing) -> None:
     """Cutting entries off the end leaves the chain short of the store's head."""
-    tamper(store, "DELETE FROM audit_entries WHERE seq >= 5")
+    backing.delete(5, 6)
 
     result = store.verify()
 
@@ -134,10 +121,10 @@ def test_deleted_last_entries_are_found(store: SqliteStore) -> None:
 
 
 def test_recording_goes_on_after_the_last_entry_is_deleted(
-    store: SqliteStore,
+    store: Store, backing: Backing
 ) -> None:
     """The next entry still links to the deleted one, so the gap stays visible."""
-    tamper(store, "DELETE FROM audit_entries WHERE seq = 6")
+    backing.delete(6)
 
     store.record(_entry(7))
 
@@ -146,15 +133,15 @@ def test_recording_goes_on_after_the_last_entry_is_deleted(
     assert "does not follow" in result.problem
 
 
-@pytest.mark.parametrize(
-    "statement",
-    ["DELETE FROM audit_head", "UPDATE audit_head SET seq = 2"],
-)
+@pytest.mark.parametrize("alteration", ["removed", "moved back"])
 def test_an_altered_head_is_found_and_recording_goes_on(
-    store: SqliteStore, statement: str
+    store: Store, backing: Backing, alteration: str
 ) -> None:
     """A head removed or moved back is reported, and new entries are still kept."""
-    tamper(store, statement)
+    if alteration == "removed":
+        backing.drop_head()
+    else:
+        backing.move_head(2)
 
     assert not store.verify().intact
     store.record(_entry(7))
@@ -163,14 +150,9 @@ def test_an_altered_head_is_found_and_recording_goes_on(
     assert [e.decision_id for e in store.entries()][-1] == "d7"
 
 
-def test_swapped_entries_are_found(store: SqliteStore) -> None:
+def test_swapped_entries_are_found(store: Store, backing: Backing) -> None:
     """Two whole rows exchanging places break the chain where the first one sits."""
-    tamper(
-        store,
-        "UPDATE audit_entries SET seq = -1 WHERE seq = 2",
-        "UPDATE audit_entries SET seq = 2 WHERE seq = 5",
-        "UPDATE audit_entries SET seq = 5 WHERE seq = -1",
-    )
+    backing.swap(2, 5)
 
     result = store.verify()
 
@@ -178,14 +160,10 @@ def test_swapped_entries_are_found(store: SqliteStore) -> None:
     assert "does not follow" in result.problem
 
 
-def test_swapped_contents_are_found(store: SqliteStore) -> None:
+def test_swapped_contents_are_found(store: Store, backing: Backing) -> None:
     """Exchanging what two entries say, hashes left in place, is an alteration."""
-    tamper(
-        store,
-        "UPDATE audit_entries SET decision_id = 'x' WHERE seq = 2",
-        "UPDATE audit_entries SET decision_id = 'd2' WHERE seq = 3",
-        "UPDATE audit_entries SET decision_id = 'd3' WHERE seq = 2",
-    )
+    backing.edit(2, decision_id="d3")
+    backing.edit(3, decision_id="d2")
 
     result = store.verify()
 
@@ -193,9 +171,9 @@ def test_swapped_contents_are_found(store: SqliteStore) -> None:
     assert "altered" in result.problem
 
 
-def test_an_unreadable_entry_is_a_break(store: SqliteStore) -> None:
+def test_an_unreadable_entry_is_a_break(store: Store, backing: Backing) -> None:
     """A row whose stored JSON no longer parses is reported, not raised."""
-    tamper(store, "UPDATE audit_entries SET reasons = 'not json' WHERE seq = 2")
+    backing.garble(2)
 
     result = store.verify()
 
@@ -203,15 +181,15 @@ def test_an_unreadable_entry_is_a_break(store: SqliteStore) -> None:
     assert "cannot be read back" in result.problem
 
 
-def test_the_shadow_mark_is_kept_and_hashed(tmp_path: Path) -> None:
+def test_the_shadow_mark_is_kept_and_hashed(backing: Backing) -> None:
     """A shadow decision comes back marked, and unmarking it is detected."""
-    store = SqliteStore(tmp_path / "audit.db")
+    store = backing.open()
     try:
         store.record(_entry(1, shadow=True))
         assert store.entries()[0].shadow is True
         assert store.verify().intact
 
-        tamper(store, "UPDATE audit_entries SET shadow = 0")
+        backing.edit(1, shadow=False)
 
         assert store.verify().broken_at == 1
     finally:
@@ -219,16 +197,13 @@ def test_the_shadow_mark_is_kept_and_hashed(tmp_path: Path) -> None:
 
 
 def test_an_entry_hashes_the_same_before_and_after_the_round_trip(
-    store: SqliteStore,
+    store: Store, backing: Backing
 ) -> None:
     """The hash of a read-back entry equals the one computed when it was written."""
     entry = _entry(7, time=7, duration_ms=3, groups=("eng",), scopes=("tools:call",))
     store.record(entry)
 
-    with sqlite3.connect(store.path) as db:
-        prev, stored = db.execute(
-            "SELECT prev_hash, entry_hash FROM audit_entries WHERE seq = 7"
-        ).fetchone()
+    prev, stored = backing.hashes(7)
     (read_back,) = store.entries(since=7.0)
 
     assert chain.entry_hash(entry, prev) == stored
@@ -271,7 +246,7 @@ def _fields(entry: AuditEntry) -> dict[str, object]:
     return {name: getattr(entry, name) for name in AuditEntry.__dataclass_fields__}
 
 
-def test_pruning_leaves_a_chain_that_verifies(store: SqliteStore) -> None:
+def test_pruning_leaves_a_chain_that_verifies(store: Store) -> None:
     """Removing the oldest entries keeps a checkpoint the rest links to."""
     checkpoint = store.prune(4.0, now=100.0)
 
@@ -282,15 +257,15 @@ def test_pruning_leaves_a_chain_that_verifies(store: SqliteStore) -> None:
     assert (result.intact, result.checked, result.since_seq) == (True, 3, 3)
 
 
-def test_a_deletion_after_a_checkpoint_is_found(store: SqliteStore) -> None:
+def test_a_deletion_after_a_checkpoint_is_found(store: Store, backing: Backing) -> None:
     """The first entry kept must follow the checkpoint of what was pruned."""
     store.prune(4.0, now=100.0)
-    tamper(store, "DELETE FROM audit_entries WHERE seq = 4")
+    backing.delete(4)
 
     assert store.verify().broken_at == 5
 
 
-def test_pruning_twice_and_recording_on_stays_intact(store: SqliteStore) -> None:
+def test_pruning_twice_and_recording_on_stays_intact(store: Store) -> None:
     """Checkpoints stack: the latest one is where verification starts."""
     store.prune(3.0, now=100.0)
     store.record(_entry(7))
@@ -302,9 +277,9 @@ def test_pruning_twice_and_recording_on_stays_intact(store: SqliteStore) -> None
     assert (result.intact, result.since_seq, result.checked) == (True, 5, 3)
 
 
-def test_pruning_stops_at_the_first_entry_too_new_to_go(tmp_path: Path) -> None:
+def test_pruning_stops_at_the_first_entry_too_new_to_go(backing: Backing) -> None:
     """An old entry written after a newer one stays, so the chain stays a prefix."""
-    store = SqliteStore(tmp_path / "audit.db")
+    store = backing.open()
     try:
         for n, time in enumerate([1.0, 9.0, 2.0], start=1):
             store.record(_entry(n, time=time))
@@ -316,18 +291,17 @@ def test_pruning_stops_at_the_first_entry_too_new_to_go(tmp_path: Path) -> None:
     assert checkpoint.through_seq == 1
 
 
-def test_pruning_nothing_old_enough_changes_nothing(store: SqliteStore) -> None:
+def test_pruning_nothing_old_enough_changes_nothing(store: Store) -> None:
     """A cut-off before every entry removes none and leaves no checkpoint."""
     assert store.prune(0.5, now=10.0) is None
     assert store.count() == 6
 
 
-def test_two_stores_writing_one_file_keep_one_chain(tmp_path: Path) -> None:
-    """Two writers on the same file, in parallel, never fork the chain."""
-    path = tmp_path / "shared.db"
-    first, second = SqliteStore(path), SqliteStore(path)
+def test_two_stores_writing_one_record_keep_one_chain(backing: Backing) -> None:
+    """Two writers on the same record, in parallel, never fork the chain."""
+    first, second = backing.open(), backing.open()
 
-    def write(store: SqliteStore, name: str) -> None:
+    def write(store: Store, name: str) -> None:
         for n in range(40):
             store.record(_entry(n, decision_id=f"{name}-{n}"))
 
@@ -342,10 +316,12 @@ def test_two_stores_writing_one_file_keep_one_chain(tmp_path: Path) -> None:
 
     try:
         result = first.verify()
+        count = second.count()
     finally:
         first.close()
         second.close()
     assert (result.intact, result.checked) == (True, 80)
+    assert count == 80
 
 
 def test_a_store_from_before_the_chain_is_refused(tmp_path: Path) -> None:

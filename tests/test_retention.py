@@ -1,19 +1,23 @@
-"""Looking after the record at start: verify the chain, prune past retention."""
+"""Looking after the record at start: verify the chain, prune past retention.
+
+Tests taking ``store`` or ``backing`` run once on SQLite and once on Redis.
+"""
 
 from __future__ import annotations
 
 import logging
-import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from broker.audit import AuditEntry, SqliteStore
+from broker.audit import AuditEntry, Store
 from broker.config import config_from_dict
 from broker.errors import ConfigError
 from broker.retention import DAY_SECONDS, check_at_start
 from broker.server import build_broker
+from tests.stores import Backing
 
 REPO = Path(__file__).resolve().parents[1]
 NOW = 1_800_000_000.0
@@ -24,15 +28,16 @@ def _entry(n: int, age_days: float) -> AuditEntry:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> SqliteStore:
-    opened = SqliteStore(tmp_path / "state.db")
+def store(backing: Backing) -> Iterator[Store]:
+    opened = backing.open()
     for n, age in enumerate([40, 35, 10, 1], start=1):
         opened.record(_entry(n, age))
-    return opened
+    yield opened
+    opened.close()
 
 
 def test_an_intact_chain_is_pruned_to_the_retention_period(
-    store: SqliteStore, caplog: pytest.LogCaptureFixture
+    store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Entries older than the period go; the chain still verifies afterwards."""
     with caplog.at_level(logging.INFO, logger="broker.audit"):
@@ -45,7 +50,7 @@ def test_an_intact_chain_is_pruned_to_the_retention_period(
     assert "pruned 2 entries older than 30 days" in caplog.text
 
 
-def test_without_a_retention_period_nothing_is_pruned(store: SqliteStore) -> None:
+def test_without_a_retention_period_nothing_is_pruned(store: Store) -> None:
     """By default every entry is kept."""
     check_at_start(store, None, now=NOW)
 
@@ -53,11 +58,10 @@ def test_without_a_retention_period_nothing_is_pruned(store: SqliteStore) -> Non
 
 
 def test_a_broken_chain_is_logged_loudly_and_not_pruned(
-    store: SqliteStore, caplog: pytest.LogCaptureFixture
+    store: Store, backing: Backing, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A break is an ERROR naming the entry, and pruning waits so evidence stays."""
-    with sqlite3.connect(store.path) as db:
-        db.execute("DELETE FROM audit_entries WHERE seq = 2")
+    backing.delete(2)
 
     with caplog.at_level(logging.INFO, logger="broker.audit"):
         result = check_at_start(store, 30, now=NOW)
@@ -71,7 +75,7 @@ def test_a_broken_chain_is_logged_loudly_and_not_pruned(
 
 
 def test_an_unreadable_store_is_logged_not_raised(
-    store: SqliteStore, caplog: pytest.LogCaptureFixture
+    store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
     """If the chain cannot be read at start, the broker says so and goes on."""
     store.close()
@@ -114,15 +118,17 @@ def test_a_retention_that_is_not_whole_positive_days_is_refused(
 
 
 def test_the_broker_starts_with_a_broken_chain_and_says_so(
-    store: SqliteStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    store: Store,
+    backing: Backing,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Start-up notices the break, logs it as an ERROR and still builds the broker."""
-    with sqlite3.connect(store.path) as db:
-        db.execute("UPDATE audit_entries SET method = 'edited' WHERE seq = 1")
+    backing.edit(1, method="edited")
     store.close()
 
     with caplog.at_level(logging.INFO, logger="broker.audit"):
-        broker = build_broker(_config(tmp_path, {"path": "state.db"}))
+        broker = build_broker(_config(tmp_path, backing.store_table()))
 
     assert broker.app is not None
     assert "AUDIT RECORD TAMPERED OR DAMAGED" in caplog.text
