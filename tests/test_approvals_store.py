@@ -1,4 +1,9 @@
-"""The contract of an approvals store, run against every implementation."""
+"""The contract of an approvals store, run against every implementation.
+
+Each test runs once on SQLite and once on Redis, under a key prefix of its
+own in the Redis on 127.0.0.1:6379 (which must answer: the test fails, it
+is not skipped).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import pytest
 from broker.approvals.model import Binding, PendingAction, Status, digest_of
 from broker.approvals.store import ApprovalStore, SqliteApprovalStore
 from broker.errors import NotFound, NotPending, RecordFailed
+from tests.redis_support import redis_approvals
 
 NOW = 1_900_000_000.0
 BINDING = Binding("alice", "https://idp", "agent-7", "demo.delete_note", "sha256:1")
@@ -46,11 +52,15 @@ class Recorded:
         self.actions.append(action)
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ApprovalStore]:
-    opened = SqliteApprovalStore(tmp_path / "state.db")
-    yield opened
-    opened.close()
+    if request.param == "sqlite":
+        opened: ApprovalStore = SqliteApprovalStore(tmp_path / "state.db")
+        yield opened
+        opened.close()
+        return
+    with redis_approvals() as stores:
+        yield stores()
 
 
 def approve(store: ApprovalStore, action_id: str = "a1", now: float = NOW) -> None:

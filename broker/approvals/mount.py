@@ -15,11 +15,12 @@ from broker.approvals.api import APPROVER_SCOPE, api_app, openapi_route
 from broker.approvals.gate import Approvals
 from broker.approvals.page import page_app
 from broker.approvals.signin import SignIn
-from broker.approvals.store import SqliteApprovalStore
+from broker.approvals.store import ApprovalStore, SqliteApprovalStore
+from broker.approvals.store_redis import RedisApprovalStore
 from broker.audit import Store
 from broker.auth.edge import BearerAuth, OnDenied
 from broker.auth.tokens import TokenVerifier
-from broker.config import BrokerConfig
+from broker.config import BrokerConfig, StoreConfig, redis_password
 from broker.errors import ConfigError
 from broker.policy import PolicyEngine
 
@@ -29,9 +30,24 @@ log = logging.getLogger("broker.approvals")
 def build_approvals(
     config: BrokerConfig, audit: Store, policy: Callable[[], PolicyEngine]
 ) -> Approvals:
-    """The approvals service, its pending actions in the broker's state file."""
-    store = SqliteApprovalStore(config.store.path)
-    return Approvals(config.approvals, store, audit, policy)
+    """The approvals service, its pending actions where ``[store] type`` says."""
+    return Approvals(config.approvals, open_approval_store(config.store), audit, policy)
+
+
+def open_approval_store(config: StoreConfig) -> ApprovalStore:
+    """Redis beside the Redis record (shared by replicas), else the state file."""
+    if config.type != "redis":
+        return SqliteApprovalStore(config.path)
+    try:
+        return RedisApprovalStore.connect(
+            config.redis_url,
+            password=redis_password(config),
+            timeout=config.redis_timeout_seconds,
+            prefix=config.redis_key_prefix,
+        )
+    except ValueError as exc:
+        # The client's message never repeats the URL, which may hold a password.
+        raise ConfigError(f"[store] redis_url cannot be used: {exc}") from exc
 
 
 def approval_routes(
