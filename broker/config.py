@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ from broker.errors import ConfigError
 from broker.limits import Limit, limits_from_config
 
 DEV_ISSUER = "urn:broker:development"
+STORE_TYPES = ("sqlite", "redis")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,17 +36,24 @@ class AuthConfig:
 
 @dataclass(frozen=True, slots=True)
 class StoreConfig:
+    # Where the audit record and pending approvals are kept: "sqlite" (the
+    # file at `path`) or "redis" (at `redis_url`, shared by every replica).
     type: str = "sqlite"
     path: str = "broker-state.db"
     # Audit entries older than this many days are pruned at start and by
     # `broker audit prune`; None keeps every entry.
     retention_days: int | None = None
-    # Shared state for replicas (call-rate counts); empty keeps it in-process.
+    # Shared state for replicas (call-rate counts, and the audit record and
+    # approvals when type is "redis"); empty keeps it in-process.
     # The password comes from the environment variable named here, if any.
     redis_url: str = ""
     redis_password_env: str = ""
     # Longer than this and a limit cannot be checked, so the call is denied.
+    # It bounds connecting and each reply alike; an entry that cannot be
+    # written within it denies the call too.
     redis_timeout_seconds: float = 0.25
+    # Every key the audit record and the approvals use in Redis starts with this.
+    redis_key_prefix: str = "broker:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,10 +169,11 @@ def config_from_dict(raw: dict[str, Any], base: Path = Path()) -> BrokerConfig:
         )
 
     store_cfg = StoreConfig(**store)
-    if store_cfg.type != "sqlite":
+    if store_cfg.type not in STORE_TYPES:
         raise ConfigError(f"[store] type {store_cfg.type!r} is not supported")
     _check_retention(store_cfg.retention_days)
     _check_redis(store_cfg)
+    _check_redis_record(store_cfg)
 
     default_host = parts.netloc
     fields: dict[str, Any] = dict(broker)
@@ -227,6 +237,27 @@ def _check_redis(store: StoreConfig) -> None:
         raise ConfigError("[store] redis_timeout_seconds must be a number")
     if timeout <= 0:
         raise ConfigError("[store] redis_timeout_seconds must be more than 0")
+
+
+def _check_redis_record(store: StoreConfig) -> None:
+    if store.type == "redis" and not store.redis_url:
+        raise ConfigError('[store] type "redis" needs redis_url')
+    prefix = store.redis_key_prefix
+    if not isinstance(prefix, str) or not prefix or any(c.isspace() for c in prefix):
+        raise ConfigError("[store] redis_key_prefix must be text without spaces")
+
+
+def redis_password(store: StoreConfig) -> str | None:
+    """The password in the variable ``redis_password_env`` names; None if unnamed."""
+    if not store.redis_password_env:
+        return None
+    password = os.environ.get(store.redis_password_env)
+    if password is None:
+        raise ConfigError(
+            f"[store] redis_password_env names {store.redis_password_env}, "
+            "which is not set"
+        )
+    return password
 
 
 def _table(raw: dict[str, Any], name: str) -> dict[str, Any]:

@@ -30,12 +30,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from broker import __version__
 from broker.approvals.mount import approval_routes, build_approvals
-from broker.audit import SqliteStore, Store
+from broker.audit import Store
 from broker.auth.edge import BearerAuth, protected_resource_metadata
 from broker.auth.tokens import TokenVerifier, build_verifier
 from broker.catalog import Catalog
 from broker.config import BrokerConfig
 from broker.downstream import Downstream
+from broker.errors import RecordFailed
 from broker.limits import RateLimiter, build_limiter
 from broker.manifest import load_manifests
 from broker.mediation import Mediator
@@ -44,6 +45,7 @@ from broker.policy import PolicyEngine
 from broker.reload import PolicyWatcher
 from broker.report_page import ReportPage
 from broker.retention import check_at_start
+from broker.stores import Probe, open_store, probe_for, say_if_unreachable
 
 log = logging.getLogger("broker")
 
@@ -70,7 +72,9 @@ def build_broker(config: BrokerConfig, *, store: Store | None = None) -> Broker:
             # A fresh checkout has no state directory yet; production names
             # one that exists, and a missing one stops the start.
             Path(config.store.path).parent.mkdir(parents=True, exist_ok=True)
-        store = SqliteStore(config.store.path)
+        store = open_store(config.store)
+    record_probe = probe_for(store)
+    say_if_unreachable(record_probe)
     check_at_start(store, config.store.retention_days, now=time.time())
     verifier = build_verifier(config)
     metrics = Metrics()
@@ -135,7 +139,7 @@ def build_broker(config: BrokerConfig, *, store: Store | None = None) -> Broker:
         Route("/report", endpoint=_report_page(mediator, verifier, config, on_denied)),
         protected_resource_metadata(config),
         Route("/healthz", endpoint=_healthz),
-        Route("/readyz", endpoint=_readyz_for(mediator, watcher)),
+        Route("/readyz", endpoint=_readyz_for(mediator, watcher, record_probe)),
         metrics.route(),
         *approval_routes(config, approvals, verifier, on_denied),
     ]
@@ -193,19 +197,35 @@ async def _healthz(request: Request) -> Response:
     return JSONResponse({"status": "alive"})
 
 
-def _readyz_for(mediator: Mediator, watcher: PolicyWatcher) -> Any:
-    """Ready when every downstream server is connected and the policies load."""
+def _readyz_for(mediator: Mediator, watcher: PolicyWatcher, record_probe: Probe) -> Any:
+    """Ready when every downstream is up, policies load and the record answers."""
 
     async def readyz(request: Request) -> Response:
         servers = {
             name: {"connected": d.connected, "last_error": d.last_error}
             for name, d in mediator.downstreams.items()
         }
+        record = await _record_status(record_probe)
         ready = all(s["connected"] for s in servers.values()) and not watcher.error
-        body = {"ready": ready, "servers": servers, "policies": watcher.status}
+        ready = ready and record["writable"] is True
+        body = {
+            "ready": ready,
+            "servers": servers,
+            "policies": watcher.status,
+            "record": record,
+        }
         return JSONResponse(body, status_code=200 if ready else 503)
 
     return readyz
+
+
+async def _record_status(probe: Probe) -> dict[str, object]:
+    # The probe blocks for up to the store's timeout; keep it off the loop.
+    try:
+        await anyio.to_thread.run_sync(probe)
+    except RecordFailed as exc:
+        return {"writable": False, "last_error": exc.detail}
+    return {"writable": True, "last_error": None}
 
 
 class HostGuard:

@@ -16,6 +16,14 @@ from tests.harness import (
     write_config,
 )
 from tests.idp import LocalIdP
+from tests.stores import KINDS, Backing, opened_backing
+
+
+@pytest.fixture(params=KINDS)
+def backing(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backing]:
+    """An empty audit record of each kind: a SQLite file, then keys in Redis."""
+    with opened_backing(request.param, tmp_path) as opened:
+        yield opened
 
 
 @pytest.fixture(scope="session")

@@ -87,16 +87,19 @@ def write_config(
     extra_broker: str = "",
     extra_tables: str = "",
     store: str = 'path = "state.db"',
+    resource: str = "",
 ) -> Path:
     """A configuration for a broker on ``port``; ``extra_tables`` is appended.
 
-    ``store`` is the body of the ``[store]`` table.
+    ``store`` is the body of the ``[store]`` table. ``resource`` is the
+    broker's own URL unless given: replicas share the one of their service.
     """
+    resource = resource or f"http://127.0.0.1:{port}/mcp"
     config = workdir / "broker.toml"
     config.write_text(
         f"""
 [broker]
-resource = "http://127.0.0.1:{port}/mcp"
+resource = "{resource}"
 port = {port}
 allowed_hosts = ["127.0.0.1:{port}"]
 allowed_origins = ["http://127.0.0.1:{port}"]

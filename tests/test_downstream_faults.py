@@ -178,6 +178,7 @@ async def test_readyz_reports_a_server_that_cannot_restart(
                 "ready": True,
                 "servers": {"demo": {"connected": True, "last_error": ""}},
                 "policies": "ok",
+                "record": {"writable": True, "last_error": None},
             },
         )
         refuse.touch()

@@ -109,6 +109,7 @@ async def test_a_broken_policy_keeps_the_last_valid_set_until_fixed(
                 "ready": True,
                 "servers": {"demo": {"connected": True, "last_error": ""}},
                 "policies": "ok",
+                "record": {"writable": True, "last_error": None},
             },
         )
     assert body["ready"] is False
