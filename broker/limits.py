@@ -24,7 +24,6 @@ applies to never touches Redis.
 from __future__ import annotations
 
 import hashlib
-import os
 import uuid
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -260,14 +259,13 @@ def build_limiter(
     check_tools(limits, known_tools)
     if not store.redis_url:
         return LocalLimiter(limits)
-    password = None
-    if store.redis_password_env:
-        password = os.environ.get(store.redis_password_env)
-        if password is None:
-            raise ConfigError(
-                f"[store] redis_password_env names {store.redis_password_env}, "
-                "which is not set"
-            )
+    # Imported here: the configuration module reads limits from this one.
+    from broker.config import redis_password
+
     return RedisLimiter.connect(
-        limits, store.redis_url, password=password, timeout=store.redis_timeout_seconds
+        limits,
+        store.redis_url,
+        password=redis_password(store),
+        timeout=store.redis_timeout_seconds,
+        prefix=store.redis_key_prefix,
     )
