@@ -7,7 +7,9 @@ import enum
 import hashlib
 import json
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from broker.principal import Principal
 
@@ -121,3 +123,28 @@ def as_json(action: PendingAction, url: str) -> dict[str, object]:
 def iso_time(seconds: float) -> str:
     moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def action_from_fields(fields: Mapping[str, Any]) -> PendingAction:
+    """A pending action back from the flat fields a store kept it in."""
+    decided = fields.get("decided")
+    return PendingAction(
+        id=fields["id"],
+        decision_id=fields["decision_id"],
+        binding=Binding(
+            subject=fields["subject"],
+            issuer=fields["issuer"],
+            client_id=fields["client_id"],
+            tool=fields["tool"],
+            digest=fields["digest"],
+        ),
+        server=fields["server"],
+        arguments=json.loads(fields["arguments"]),
+        policies=tuple(json.loads(fields["policies"])),
+        created=float(fields["created"]),
+        expires=float(fields["expires"]),
+        status=Status(fields["status"]),
+        approver=fields.get("approver"),
+        reason=fields.get("reason") or "",
+        decided=None if decided is None else float(decided),
+    )

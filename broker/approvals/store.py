@@ -24,7 +24,7 @@ from typing import Protocol
 
 import anyio
 
-from broker.approvals.model import Binding, PendingAction, Status
+from broker.approvals.model import Binding, PendingAction, Status, action_from_fields
 from broker.errors import ConfigError, NotFound, NotPending, StoreFailed
 
 Record = Callable[[PendingAction], None]
@@ -308,23 +308,4 @@ def _row(action: PendingAction) -> tuple[object, ...]:
 
 
 def _action(row: sqlite3.Row) -> PendingAction:
-    return PendingAction(
-        id=row["id"],
-        decision_id=row["decision_id"],
-        binding=Binding(
-            subject=row["subject"],
-            issuer=row["issuer"],
-            client_id=row["client_id"],
-            tool=row["tool"],
-            digest=row["digest"],
-        ),
-        server=row["server"],
-        arguments=json.loads(row["arguments"]),
-        policies=tuple(json.loads(row["policies"])),
-        created=row["created"],
-        expires=row["expires"],
-        status=Status(row["status"]),
-        approver=row["approver"],
-        reason=row["reason"],
-        decided=row["decided"],
-    )
+    return action_from_fields(dict(row))

@@ -34,7 +34,7 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from broker.approvals import redis_keys
-from broker.approvals.model import Binding, PendingAction, Status
+from broker.approvals.model import Binding, PendingAction, Status, action_from_fields
 from broker.approvals.redis_keys import ApprovalKeys, binding_key
 from broker.approvals.store import Record
 from broker.errors import NotFound, NotPending, StoreFailed
@@ -349,24 +349,4 @@ def _action(fields: dict[str, str]) -> PendingAction:
 
 
 def _parsed(fields: dict[str, str]) -> PendingAction:
-    decided = fields.get("decided")
-    return PendingAction(
-        id=fields["id"],
-        decision_id=fields["decision_id"],
-        binding=Binding(
-            subject=fields["subject"],
-            issuer=fields["issuer"],
-            client_id=fields["client_id"],
-            tool=fields["tool"],
-            digest=fields["digest"],
-        ),
-        server=fields["server"],
-        arguments=json.loads(fields["arguments"]),
-        policies=tuple(json.loads(fields["policies"])),
-        created=float(fields["created"]),
-        expires=float(fields["expires"]),
-        status=Status(fields["status"]),
-        approver=fields.get("approver"),
-        reason=fields.get("reason", ""),
-        decided=None if decided is None else float(decided),
-    )
+    return action_from_fields(fields)
