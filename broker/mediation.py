@@ -47,7 +47,7 @@ from broker.errors import (
 )
 from broker.limits import LocalLimiter, RateLimiter
 from broker.manifest import SEPARATOR
-from broker.observability import current_decision
+from broker.observability import Metrics, current_decision
 from broker.policy import Decision, PolicyEngine
 from broker.principal import Principal
 
@@ -105,6 +105,7 @@ class Mediator:
     limiter: RateLimiter = field(default_factory=lambda: LocalLimiter(()))
     # Servers whose would-be denials are recorded but still forwarded.
     shadow: frozenset[str] = frozenset()
+    metrics: Metrics = field(default_factory=Metrics)
 
     # ---- the gate every inbound message passes ----------------------------
 
@@ -157,15 +158,16 @@ class Mediator:
             await self.limiter.check(principal, live.spec.qualified_name, self.clock())
 
             def decide_as(approval: Approval) -> Decision:
-                return self.engine.decide_tool_call(
-                    principal,
-                    live.spec,
-                    arguments,
-                    data=findings.classes,
-                    approval_granted=approval.granted,
-                    approvers=approval.approvers,
-                    now=self.clock(),
-                )
+                with self.metrics.decide_seconds.time():
+                    return self.engine.decide_tool_call(
+                        principal,
+                        live.spec,
+                        arguments,
+                        data=findings.classes,
+                        approval_granted=approval.granted,
+                        approvers=approval.approvers,
+                        now=self.clock(),
+                    )
 
             decision = decide_as(NOT_APPROVED)
             shadowed = live.spec.server in self.shadow
@@ -315,7 +317,8 @@ class Mediator:
                 self.store.record(replace(entry, detail="shadow mode: forwarded"))
             else:
                 raise Forbidden("policy did not allow it")
-            return await downstream.request(what, forward)
+            with self.metrics.forward_seconds.labels(downstream.name).time():
+                return await downstream.request(what, forward)
         except Denied as denied:
             denied.decision_id = entry.decision_id
             self.record_denial(entry, denied, started)

@@ -11,9 +11,16 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import Response
@@ -21,7 +28,7 @@ from starlette.routing import Route
 
 from broker.audit import AuditEntry, Store
 from broker.classify import redact_text
-from broker.errors import RecordFailed
+from broker.errors import BrokerError, RecordFailed
 
 current_decision: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "current_decision", default=None
@@ -94,6 +101,23 @@ class Metrics:
             "Audit entries that could not be written.",
             registry=self.registry,
         )
+        self.decide_seconds = Histogram(
+            "broker_decide_seconds",
+            "Time Cedar took to decide one call.",
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05),
+            registry=self.registry,
+        )
+        self.forward_seconds = Histogram(
+            "broker_forward_seconds",
+            "Time a downstream server took to answer a forwarded request.",
+            ["server"],
+            registry=self.registry,
+        )
+        self.pending_approvals = Gauge(
+            "broker_pending_approvals",
+            "Actions waiting for an approver (read at scrape time).",
+            registry=self.registry,
+        )
         self.pin_drifts = Counter(
             "broker_pin_drifts",
             "Tools quarantined because they no longer match their pin.",
@@ -111,6 +135,20 @@ class Metrics:
             self.pin_drifts.labels(entry.server or "", tool).inc()
         if entry.outcome == "deny" and entry.duration_ms is not None:
             self.denied_seconds.observe(entry.duration_ms / 1000)
+
+    def count_pending_with(self, count: Callable[[], int]) -> None:
+        """Read the number of pending actions from ``count`` at every scrape.
+
+        A store that cannot answer shows as -1 rather than failing the scrape.
+        """
+
+        def read() -> float:
+            try:
+                return float(count())
+            except BrokerError:
+                return -1.0
+
+        self.pending_approvals.set_function(read)
 
     def route(self) -> Route:
         async def metrics(request: Request) -> Response:

@@ -29,6 +29,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from broker import __version__
+from broker.approvals.model import Status
 from broker.approvals.mount import approval_routes, build_approvals
 from broker.audit import Store
 from broker.auth.edge import BearerAuth, protected_resource_metadata
@@ -95,6 +96,7 @@ def build_broker(config: BrokerConfig, *, store: Store | None = None) -> Broker:
         store=store,
         limiter=limiter,
         shadow=shadow,
+        metrics=metrics,
     )
     watcher = PolicyWatcher(mediator, config.policy_dir)
     downstreams = {
@@ -111,6 +113,9 @@ def build_broker(config: BrokerConfig, *, store: Store | None = None) -> Broker:
     mediator.downstreams = downstreams
     approvals = build_approvals(config, store, lambda: mediator.engine)
     mediator.approvals = approvals
+    metrics.count_pending_with(
+        lambda: len(approvals.store.listed(Status.PENDING, limit=100_000))
+    )
 
     mcp_server = _mcp_server(mediator)
     manager = StreamableHTTPSessionManager(

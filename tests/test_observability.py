@@ -92,7 +92,7 @@ def test_metered_store_counts_decisions_and_store_errors(tmp_path: Path) -> None
 async def test_metrics_endpoint_reports_live_decisions(
     broker: RunningBroker, live_idp: LocalIdP
 ) -> None:
-    """After an allowed and a denied call, /metrics shows both outcomes."""
+    """After an allowed and a denied call, /metrics shows outcomes and latencies."""
     async with agent(broker.url, live_idp.token()) as client:
         await client.call_tool("demo.echo", {"text": "x"})
         await client.call_tool("demo.write_note", {"title": "t", "body": "b"})
@@ -100,3 +100,7 @@ async def test_metrics_endpoint_reports_live_decisions(
     assert 'outcome="allow"' in text
     assert 'tool="demo.write_note"' in text
     assert "broker_decisions_total" in text
+    # The denied call is decided twice: as it stands, and as if approved.
+    assert "broker_decide_seconds_count 3.0" in text
+    assert 'broker_forward_seconds_count{server="demo"} 1.0' in text
+    assert "broker_pending_approvals 0.0" in text
