@@ -323,6 +323,16 @@ class Mediator:
             denied.decision_id = entry.decision_id
             self.record_denial(entry, denied, started)
             raise
+        except Exception as exc:
+            # A failure nobody foresaw is still a recorded denial, never a
+            # bare protocol error with nothing on record.
+            log.exception("unexpected failure while mediating %s", what)
+            failed = Forbidden(
+                f"broker failure: {type(exc).__name__}: {exc}",
+                decision_id=entry.decision_id,
+            )
+            self.record_denial(entry, failed, started)
+            raise failed from exc
 
     async def list_from(
         self,
