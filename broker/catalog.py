@@ -21,7 +21,7 @@ class LiveTool:
     """A pinned tool whose live definition matched its pin at the last check."""
 
     spec: ToolSpec
-    definition: types.Tool  # as agents see it: the qualified name, the rest unchanged
+    definition: types.Tool  # as agents see it: the exposed name, the rest unchanged
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +38,8 @@ class Catalog:
         self._live: dict[str, LiveTool] = {}
         self._quarantined: dict[str, Drift] = {}
         self._refreshed: set[str] = set()
+        # The name an agent uses for each pinned tool, to the broker's own.
+        self._names = {t.exposed_name: t.qualified_name for t in self.pinned}
 
     @property
     def pinned(self) -> list[ToolSpec]:
@@ -57,7 +59,7 @@ class Catalog:
             elif spec.pin != live_pin:
                 drifts.append(Drift(server, name, "changed", live_pin))
             else:
-                shown = tool.model_copy(update={"name": spec.qualified_name})
+                shown = tool.model_copy(update={"name": spec.exposed_name})
                 live[spec.qualified_name] = LiveTool(spec, shown)
         drifts.extend(
             Drift(server, name, "missing", None)
@@ -75,11 +77,32 @@ class Catalog:
         self._refreshed.add(server)
         return [d for d in drifts if prefix + d.tool not in before]
 
-    def resolve(self, qualified_name: str) -> LiveTool:
+    def qualified(self, name: str) -> str:
+        """The broker's name for the tool an agent calls ``name``, or NotFound."""
+        known = self._names.get(name)
+        if known is not None:
+            return known
+        server, sep, _ = name.partition(SEPARATOR)
+        manifest = self._manifests.get(server)
+        if sep and manifest is not None and manifest.namespaced:
+            return name  # not pinned: quarantined or missing, said below
+        for manifest in self._manifests.values():
+            unpinned = f"{manifest.server}{SEPARATOR}{name}"
+            if not manifest.namespaced and unpinned in self._quarantined:
+                return unpinned
+        raise NotFound(f"no server for tool {name!r}")
+
+    def server_of(self, name: str) -> str | None:
+        """The server behind an agent's tool name, if any (for the record)."""
+        try:
+            return self.qualified(name).partition(SEPARATOR)[0]
+        except NotFound:
+            return None
+
+    def resolve(self, name: str) -> LiveTool:
         """The usable tool behind an agent's tool name, or the reason there is none."""
-        server, sep, _ = qualified_name.partition(SEPARATOR)
-        if not sep or server not in self._manifests:
-            raise NotFound(f"no server for tool {qualified_name!r}")
+        qualified_name = self.qualified(name)
+        server = qualified_name.partition(SEPARATOR)[0]
         if server not in self._refreshed:
             raise DownstreamFailed(
                 f"server {server} has not been checked against its pins"
@@ -95,6 +118,6 @@ class Catalog:
     def usable(self) -> list[LiveTool]:
         return list(self._live.values())
 
-    def input_schema(self, qualified_name: str) -> Mapping[str, object] | None:
-        tool = self._live.get(qualified_name)
+    def input_schema(self, name: str) -> Mapping[str, object] | None:
+        tool = self._live.get(self._names.get(name, name))
         return dict(tool.spec.input_schema) if tool is not None else None

@@ -14,6 +14,7 @@ from broker.errors import ConfigError
 from broker.limits import Limit, limits_from_config
 
 DEV_ISSUER = "urn:broker:development"
+SESSION_MODES = ("stateful", "stateless")
 STORE_TYPES = ("sqlite", "redis")
 
 
@@ -93,6 +94,12 @@ class BrokerConfig:
     log_format: str = "text"
     # Decide and record, but forward a would-be denial anyway (policy roll-out).
     shadow: bool = False
+    # "stateful": agents hold an MCP session with this broker, which lets
+    # it relay a server's sampling and elicitation requests to them; behind
+    # a load balancer each session must then stay on its replica.
+    # "stateless": any replica takes any request, and sampling and
+    # elicitation are refused.
+    sessions: str = "stateful"
     auth: AuthConfig = field(default_factory=AuthConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     approvals: ApprovalsConfig = field(default_factory=ApprovalsConfig)
@@ -174,6 +181,9 @@ def config_from_dict(raw: dict[str, Any], base: Path = Path()) -> BrokerConfig:
     _check_retention(store_cfg.retention_days)
     _check_redis(store_cfg)
     _check_redis_record(store_cfg)
+
+    if broker.get("sessions", "stateful") not in SESSION_MODES:
+        raise ConfigError(f"[broker] sessions must be one of {SESSION_MODES}")
 
     default_host = parts.netloc
     fields: dict[str, Any] = dict(broker)

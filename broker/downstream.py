@@ -4,23 +4,27 @@ Each server in the manifests gets one long-lived MCP client session, owned
 by a supervisor task that reconnects with backoff when the server dies,
 pings it every few seconds (a server that died or froze is replaced) and
 gives up on a start that does not finish within the connect timeout. A
-call against a server that is down, hangs past the call timeout or answers
-with something the SDK cannot parse becomes ``DownstreamFailed``; it never
-waits forever and never falls back to anything else.
+forwarded request has a session to itself while it runs, so that sampling,
+elicitation and log messages the server sends meanwhile are relayed to the
+agent that asked and to nobody else. A call against a server that is down,
+hangs past the call timeout or answers with something the SDK cannot parse
+becomes ``DownstreamFailed``; it never waits forever and never falls back to
+anything else.
 """
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import math
 import os
 import sys
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
 
 import anyio
+import anyio.abc
 import httpx2
 import mcp.types as types
 from mcp import Client, StdioServerParameters
@@ -30,7 +34,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 from broker.credentials import BrokerAuth, CredentialSource
-from broker.errors import Denied, DownstreamFailed
+from broker.errors import Denied, DownstreamFailed, DownstreamRefused
 from broker.manifest import Manifest
 
 log = logging.getLogger("broker.downstream")
@@ -43,19 +47,53 @@ MAX_BACKOFF_SECONDS = 30.0
 HEALTH_CHECK_SECONDS = 2.0
 PYTHON_PLACEHOLDER = "{python}"
 
-# Set while the supervisor checks a new session's tools against the pins:
-# only that check may use a session before it is published.
-_checking_pins: contextvars.ContextVar[Downstream | None] = contextvars.ContextVar(
-    "checking_pins", default=None
-)
-
 # What the broker answers when a downstream server asks the agent's side for
-# something (sampling, elicitation); the mediation layer supplies it.
+# something (sampling, elicitation) while no forwarded request is in flight
+# on that session; the mediation layer supplies it.
 ServerRequestHandler = Callable[[str, str, Any], Awaitable[Any]]
+# Called with every tool list a new session offers, before the session is
+# used for anything else: the pin check.
+ToolsHandler = Callable[["Downstream", list[types.Tool]], Awaitable[None]]
+# Called with what a server announces outside any request (list changes,
+# resource updates).
+NoticeHandler = Callable[["Downstream", types.ServerNotification], Awaitable[None]]
+
+
+class Relay(Protocol):
+    """The agent's side of one forwarded request.
+
+    Whatever the server sends on the session while the request is in flight
+    belongs to that request, and goes here to be decided and passed on.
+    """
+
+    async def sample(self, params: types.CreateMessageRequestParams) -> Any: ...
+
+    async def elicit(self, params: types.ElicitRequestParams) -> Any: ...
+
+    async def log(self, params: types.LoggingMessageNotificationParams) -> None: ...
+
+
+@dataclass(eq=False)
+class _Session:
+    """One session with the server, carrying one forwarded request at a time."""
+
+    client: Client | None = None
+    relay: Relay | None = None
+    # Cleared when the session can no longer be trusted; it is then closed
+    # instead of being used again.
+    sound: bool = True
+    closed: anyio.Event = field(default_factory=anyio.Event)
 
 
 class Downstream:
-    """One downstream server and the session the broker holds with it."""
+    """One downstream server and the sessions the broker holds with it.
+
+    The supervisor's session is always there while the server is up: lists,
+    pin checks and health checks use it, and it carries forwarded requests
+    too. When more requests are in flight than there are free sessions, more
+    are opened, up to the manifest's ``max_sessions``, each checked against
+    the pins before its first use and kept open for the next request.
+    """
 
     def __init__(
         self,
@@ -64,7 +102,8 @@ class Downstream:
         call_timeout: float,
         connect_timeout: float = 10.0,
         on_server_request: ServerRequestHandler | None = None,
-        on_connected: Callable[[Downstream], Awaitable[None]] | None = None,
+        on_tools: ToolsHandler | None = None,
+        on_notice: NoticeHandler | None = None,
     ) -> None:
         self.manifest = manifest
         self.name = manifest.server
@@ -72,34 +111,50 @@ class Downstream:
         self.call_timeout = call_timeout
         self.connect_timeout = connect_timeout
         self._on_server_request = on_server_request
-        self._on_connected = on_connected
-        self._client: Client | None = None
+        self._on_tools = on_tools
+        self._on_notice = on_notice
+        self._control: _Session | None = None
         self._connected = anyio.Event()
         self._lost = anyio.Event()
         self._stopping = False
+        # Sessions free for the next request, and every session open now.
+        self._give, self._free = anyio.create_memory_object_stream[_Session](
+            max_buffer_size=math.inf
+        )
+        self._open: set[_Session] = set()
+        self._opening = 0
+        self._slots = anyio.Semaphore(manifest.max_sessions)
+        self._tasks: anyio.abc.TaskGroup | None = None
         self.last_error = ""
 
     @property
     def connected(self) -> bool:
-        return self._client is not None and self._connected.is_set()
+        return self._control is not None and self._connected.is_set()
 
     async def supervise(self) -> None:
         """Hold a session open while the broker runs, reconnecting with backoff."""
+        async with anyio.create_task_group() as tasks:
+            self._tasks = tasks
+            await self._supervise()
+            tasks.cancel_scope.cancel()
+
+    async def _supervise(self) -> None:
         backoff = INITIAL_BACKOFF_SECONDS
         while not self._stopping:
+            session = _Session()
             try:
                 # The deadline bounds starting the server and the pin check; a
                 # server that never finishes its handshake is started again.
                 deadline = anyio.current_time() + self.connect_timeout
                 with anyio.CancelScope(deadline=deadline) as connecting:
-                    async with self.open_session() as client:
-                        self._client, self.last_error = client, ""
-                        await self._check_pins()
+                    async with self.open_session(session) as client:
+                        session.client, self.last_error = client, ""
+                        await self._check_tools(client)
                         connecting.deadline = math.inf
-                        self._connected.set()
+                        self._publish(session)
                         backoff = INITIAL_BACKOFF_SECONDS
                         log.info("downstream %s connected", self.name)
-                        await self._watch()
+                        await self._watch(session)
                 if connecting.cancelled_caught:
                     raise DownstreamFailed(
                         f"server {self.name} did not start within "
@@ -109,6 +164,7 @@ class Downstream:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("downstream %s unavailable: %s", self.name, self.last_error)
             finally:
+                session.sound = False
                 self._unpublish()
                 self._lost = anyio.Event()
             if self._stopping:
@@ -116,17 +172,12 @@ class Downstream:
             await anyio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
 
-    async def _check_pins(self) -> None:
+    async def _check_tools(self, client: Client) -> None:
         """Before anyone else may use a new session: the pin check."""
-        if self._on_connected is None:
-            return
-        token = _checking_pins.set(self)
-        try:
-            await self._on_connected(self)
-        finally:
-            _checking_pins.reset(token)
+        if self._on_tools is not None:
+            await self._on_tools(self, await _all_tools(client))
 
-    async def _watch(self) -> None:
+    async def _watch(self, session: _Session) -> None:
         """Return once the session is lost; raise if a health check fails."""
         while True:
             with anyio.move_on_after(HEALTH_CHECK_SECONDS):
@@ -134,87 +185,213 @@ class Downstream:
                 return
             await self.request("a health check", _ping)
 
+    def _publish(self, session: _Session) -> None:
+        self._control = session
+        self._open.add(session)
+        self._give.send_nowait(session)
+        self._connected.set()
+
     def _lose(self, reason: str) -> None:
-        """Give up the current session: no new request gets it."""
+        """Give up the supervisor's session: no new request gets it."""
         self.last_error = reason
         self._unpublish()
         self._lost.set()
 
     def _unpublish(self) -> None:
-        self._client = None
+        if self._control is not None:
+            self._control.sound = False
+        self._control = None
         if self._connected.is_set():
             # Waiting callers hold the fresh event; the next session sets it.
             self._connected = anyio.Event()
+        # Sessions opened beside a lost one go with it: a server that died
+        # or restarted has forgotten them.
+        self._close_all()
+
+    def _close_all(self) -> None:
+        for session in self._open:
+            session.sound = False
+            session.closed.set()
+        self._open.clear()
 
     def stop(self) -> None:
         self._stopping = True
         self._lost.set()
+        self._close_all()
 
     async def wait_connected(self) -> None:
         await self._connected.wait()
 
     async def client(self) -> Client:
-        """The open session, after a brief wait for a reconnect, or DownstreamFailed."""
-        if self._client is not None and (
-            self._connected.is_set() or _checking_pins.get() is self
-        ):
-            return self._client
-        with anyio.move_on_after(self.connect_timeout):
-            await self._connected.wait()
-        if self._client is None:
+        """The supervisor's session, after a brief wait for a reconnect."""
+        if self._control is None or not self._connected.is_set():
+            with anyio.move_on_after(self.connect_timeout):
+                await self._connected.wait()
+        control = self._control
+        if control is None or control.client is None:
             raise DownstreamFailed(
                 f"server {self.name} is not connected: {self.last_error or 'starting'}"
             )
-        return self._client
+        return control.client
 
     async def request(self, what: str, call: Callable[[Client], Awaitable[T]]) -> T:
-        """Run one request against the server, within the call timeout."""
+        """Run one request on the supervisor's session, within the call timeout."""
         client = await self.client()
+        control = self._control
         try:
             with anyio.fail_after(self.call_timeout):
                 return await call(client)
-        except TimeoutError as exc:
-            raise DownstreamFailed(
+        except Exception as exc:
+            failure = self._failure(what, exc)
+            if control is not None and not _answered(exc):
+                self._spoil(control, failure.detail, timed_out=_timed_out(exc))
+            raise failure from exc
+
+    async def forward(
+        self, what: str, call: Callable[[Client], Awaitable[T]], relay: Relay | None
+    ) -> T:
+        """Run one forwarded request on a session of its own.
+
+        While it is in flight, whatever the server asks of or tells the
+        agent's side on that session goes to ``relay``.
+        """
+        await self.client()  # a server that is down fails here, after a wait
+        session: _Session | None = None
+        try:
+            with anyio.fail_after(self.call_timeout):
+                async with self._slots:
+                    session = await self._take()
+                    assert session.client is not None
+                    session.relay = relay
+                    try:
+                        return await call(session.client)
+                    finally:
+                        session.relay = None
+        except Exception as exc:
+            failure = self._failure(what, exc)
+            if session is not None and not _answered(exc):
+                self._spoil(session, failure.detail, timed_out=_timed_out(exc))
+            raise failure from exc
+        finally:
+            if session is not None:
+                self._give_back(session)
+
+    def _failure(self, what: str, exc: Exception) -> DownstreamFailed:
+        if isinstance(exc, Denied):
+            raise exc
+        if isinstance(exc, MCPError) and _answered(exc):
+            return DownstreamRefused(
+                f"server {self.name} answered {what} with error {exc.code}: "
+                f"{exc.message}",
+                code=exc.code,
+                message=exc.message,
+                data=exc.error.data,
+            )
+        if isinstance(exc, TimeoutError):
+            return DownstreamFailed(
                 f"server {self.name} did not answer {what} within "
                 f"{self.call_timeout:g}s"
-            ) from exc
-        except Denied:
-            raise
-        except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-            failure = f"server {self.name} failed on {what}: {reason}"
-            if not _answered(exc):
-                # A broken pipe, a dead process: the session is no longer
-                # trustworthy, so drop it and let the supervisor start a new
-                # one. An error the server answered leaves it as it was, or
-                # any caller could restart a server by asking for nonsense.
-                self._mark_lost(client, failure)
-            raise DownstreamFailed(failure) from exc
+            )
+        reason = f"{type(exc).__name__}: {exc}"
+        return DownstreamFailed(f"server {self.name} failed on {what}: {reason}")
 
-    def _mark_lost(self, client: Client, reason: str) -> None:
-        if self._client is client:
-            self._lose(reason)
+    def _spoil(self, session: _Session, reason: str, *, timed_out: bool) -> None:
+        """A session a request failed on without an answer is not used again.
+
+        A broken pipe or a dead process means the session is no longer
+        trustworthy. An error the server answered leaves it as it was, or
+        any caller could restart a server by asking for nonsense. The
+        supervisor's own session is only given up for a broken connection;
+        one that stops answering is found by the health check, which starts
+        a new one.
+        """
+        if session is self._control:
+            if not timed_out:
+                self._lose(reason)
+        else:
+            session.sound = False
+
+    async def _take(self) -> _Session:
+        """A free session: one given back, or a new one, whichever comes first.
+
+        A request never waits for a new session to start when another one
+        is given back sooner; the new one then stays open for the next.
+        """
+        while True:
+            try:
+                session = self._free.receive_nowait()
+            except anyio.WouldBlock:
+                room = len(self._open) + self._opening < self.manifest.max_sessions
+                if room and self._tasks is not None:
+                    self._opening += 1
+                    self._tasks.start_soon(self._open_one_more)
+                session = await self._free.receive()
+            if session.sound:
+                return session
+
+    def _give_back(self, session: _Session) -> None:
+        if session.sound and not self._stopping:
+            self._give.send_nowait(session)
+        elif session is not self._control:
+            session.closed.set()
+
+    async def _open_one_more(self) -> None:
+        assert self._tasks is not None
+        try:
+            with anyio.fail_after(self.connect_timeout):
+                session: _Session = await self._tasks.start(self._hold_extra)
+        except Exception as exc:
+            log.warning(
+                "downstream %s: could not open another session: %s: %s",
+                self.name,
+                type(exc).__name__,
+                exc,
+            )
+        else:
+            self._give_back(session)
+        finally:
+            self._opening -= 1
+
+    async def _hold_extra(
+        self, *, task_status: anyio.abc.TaskStatus[_Session] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Open one more session, check its pins, and hold it until closed."""
+        session = _Session()
+        started = False
+        try:
+            async with self.open_session(session) as client:
+                session.client = client
+                await self._check_tools(client)
+                if self._stopping or self._control is None:
+                    return  # its server went down while it started
+                self._open.add(session)
+                task_status.started(session)
+                started = True
+                await session.closed.wait()
+        except Exception as exc:
+            if not started:
+                raise
+            log.info("downstream %s: a session ended: %s", self.name, exc)
+        finally:
+            session.sound = False
+            self._open.discard(session)
 
     async def list_tools(self) -> list[types.Tool]:
         """Every tool the server offers now, across pages; not checked against pins."""
-        unverified: list[types.Tool] = []
-        cursor: str | None = None
-        while True:
-            page = await self.request("tools/list", _list_page(cursor))
-            unverified.extend(page.tools)
-            cursor = page.next_cursor
-            if not cursor:
-                return unverified
+        return await self.request("tools/list", _all_tools)
 
-    def open_session(self) -> AbstractAsyncContextManager[Client]:
+    def open_session(
+        self, session: _Session | None = None
+    ) -> AbstractAsyncContextManager[Client]:
+        """A new client session; what the server sends on it goes to ``session``."""
+        session = session or _Session()
         transport = self.manifest.transport
-        callbacks: dict[str, Any] = {}
-        if self._on_server_request is not None:
-            callbacks = {
-                "sampling_callback": self._sampling,
-                "elicitation_callback": self._elicitation,
-            }
-        callbacks["message_handler"] = self._unreadable_loses(self._lost)
+        callbacks: dict[str, Any] = {
+            "sampling_callback": self._sampling_for(session),
+            "elicitation_callback": self._elicitation_for(session),
+            "logging_callback": self._logging_for(session),
+            "message_handler": self._messages_for(session),
+        }
         if transport.kind == "stdio":
             command = (
                 sys.executable
@@ -245,34 +422,64 @@ class Downstream:
             **callbacks,
         )
 
-    async def _sampling(
-        self, context: ClientRequestContext, params: types.CreateMessageRequestParams
-    ) -> Any:
+    def _sampling_for(self, session: _Session) -> Any:
+        async def sampling(
+            context: ClientRequestContext, params: types.CreateMessageRequestParams
+        ) -> Any:
+            if session.relay is not None:
+                return await session.relay.sample(params)
+            return await self._unrelayed("sample", params)
+
+        return sampling
+
+    def _elicitation_for(self, session: _Session) -> Any:
+        async def elicitation(
+            context: ClientRequestContext, params: types.ElicitRequestParams
+        ) -> Any:
+            if session.relay is not None:
+                return await session.relay.elicit(params)
+            return await self._unrelayed("elicit", params)
+
+        return elicitation
+
+    def _logging_for(self, session: _Session) -> Any:
+        async def logging_message(
+            params: types.LoggingMessageNotificationParams,
+        ) -> None:
+            if session.relay is not None:
+                await session.relay.log(params)
+            else:
+                log.debug("downstream %s logged outside a request", self.name)
+
+        return logging_message
+
+    async def _unrelayed(self, kind: str, params: Any) -> Any:
         handler = self._on_server_request
         if handler is None:
             return types.ErrorData(code=types.INVALID_REQUEST, message="not supported")
-        return await handler(self.name, "sample", params)
+        return await handler(self.name, kind, params)
 
-    async def _elicitation(
-        self, context: ClientRequestContext, params: types.ElicitRequestParams
-    ) -> Any:
-        handler = self._on_server_request
-        if handler is None:
-            return types.ErrorData(code=types.INVALID_REQUEST, message="not supported")
-        return await handler(self.name, "elicit", params)
-
-    def _unreadable_loses(self, lost: anyio.Event) -> MessageHandlerFnT:
-        """A handler that gives up the session ``lost`` belongs to on garbage.
+    def _messages_for(self, session: _Session) -> MessageHandlerFnT:
+        """Notifications from the server, and garbage, which gives the session up.
 
         The SDK skips a line it cannot parse; but the answer it held is gone
         and whatever the server says next is suspect, so the session goes.
         """
 
         async def on_message(message: IncomingMessage) -> None:
-            if isinstance(message, Exception) and lost is self._lost:
+            if isinstance(message, Exception):
+                if not session.sound:
+                    return
                 kind = type(message).__name__
                 log.warning("downstream %s sent an unreadable message", self.name)
-                self._lose(f"server {self.name} sent an unreadable message ({kind})")
+                reason = f"server {self.name} sent an unreadable message ({kind})"
+                if session is self._control:
+                    self._lose(reason)
+                else:
+                    session.sound = False
+                    session.closed.set()
+            elif self._on_notice is not None:
+                await self._on_notice(self, message)
 
         return on_message
 
@@ -291,10 +498,17 @@ def _answered(exc: Exception) -> bool:
     return isinstance(exc, MCPError) and exc.error.code != types.CONNECTION_CLOSED
 
 
-def _list_page(
-    cursor: str | None,
-) -> Callable[[Client], Awaitable[types.ListToolsResult]]:
-    async def call(client: Client) -> types.ListToolsResult:
-        return await client.list_tools(cursor=cursor)
+def _timed_out(exc: Exception) -> bool:
+    return isinstance(exc, TimeoutError)
 
-    return call
+
+async def _all_tools(client: Client) -> list[types.Tool]:
+    """Every tool a session offers, across pages."""
+    tools: list[types.Tool] = []
+    cursor: str | None = None
+    while True:
+        page = await client.list_tools(cursor=cursor)
+        tools.extend(page.tools)
+        cursor = page.next_cursor
+        if not cursor:
+            return tools

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import MappingProxyType
+from typing import Any
 
 
 class BrokerError(Exception):
@@ -88,6 +89,19 @@ class MethodRefused(Denied):
 
 class DownstreamFailed(Denied):
     category = "downstream_unavailable"
+
+
+class DownstreamRefused(DownstreamFailed):
+    """The server answered a forwarded request with an error of its own.
+
+    The agent gets that error as the server sent it, as it would directly.
+    """
+
+    category = "downstream_error"
+
+    def __init__(self, detail: str, *, code: int, message: str, data: Any) -> None:
+        super().__init__(detail)
+        self.code, self.message, self.data = code, message, data
 
 
 class RecordFailed(Denied):

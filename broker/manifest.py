@@ -14,7 +14,7 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +24,9 @@ SERVER_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
 PRIVILEGES = ("read", "write", "admin")
 RISKS = ("low", "medium", "high")
 SEPARATOR = "."
+# A stdio session is a process of its own, so fewer of those by default.
+DEFAULT_SESSIONS = {"stdio": 2, "http": 8}
+MAX_SESSIONS = 256
 
 
 def pin_of(description: str | None, input_schema: Mapping[str, Any]) -> str:
@@ -50,11 +53,18 @@ class ToolSpec:
     risk: str = "low"
     open_world: bool = False
     destructive: bool = False
+    # False when the manifest exposes its server's names as they are.
+    namespaced: bool = True
 
     @property
     def qualified_name(self) -> str:
-        """The name agents see: ``server.tool``."""
+        """The broker's own name for the tool, in policies and the record."""
         return f"{self.server}{SEPARATOR}{self.name}"
+
+    @property
+    def exposed_name(self) -> str:
+        """The name agents see: ``server.tool``, or the tool's own name."""
+        return self.qualified_name if self.namespaced else self.name
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +107,15 @@ class Manifest:
     # Decide and record, but forward a would-be denial anyway: for rolling
     # out new policies against one server before they are enforced.
     shadow: bool = False
+    # Whether agents see this server's tools and prompts as ``server.name``
+    # (the default) or under their own names, for a broker fronting one
+    # server whose clients expect its names unchanged.
+    namespaced: bool = True
+    # How many sessions the broker may hold with the server for forwarded
+    # requests; each carries one request at a time, so that what the server
+    # sends back during it (sampling, elicitation, logs, progress) reaches
+    # the agent that asked.
+    max_sessions: int = 2
 
 
 def load_manifests(directory: Path) -> dict[str, Manifest]:
@@ -109,7 +128,21 @@ def load_manifests(directory: Path) -> dict[str, Manifest]:
         if manifest.server in manifests:
             raise ConfigError(f"{path}: server {manifest.server!r} is declared twice")
         manifests[manifest.server] = manifest
+    _check_exposed_names(manifests)
     return manifests
+
+
+def _check_exposed_names(manifests: Mapping[str, Manifest]) -> None:
+    """Two tools agents would see under one name is a configuration error."""
+    owners: dict[str, str] = {}
+    for manifest in manifests.values():
+        for spec in manifest.tools.values():
+            other = owners.setdefault(spec.exposed_name, manifest.server)
+            if other != manifest.server:
+                raise ConfigError(
+                    f"tool name {spec.exposed_name!r} is exposed by both "
+                    f"{other} and {manifest.server}; keep one of them namespaced"
+                )
 
 
 def load_manifest(path: Path) -> Manifest:
@@ -132,15 +165,29 @@ def manifest_from_dict(raw: Mapping[str, Any], path: Path | None = None) -> Mani
     tools_raw = raw.get("tools", {})
     if not isinstance(tools_raw, dict):
         raise TypeError("'tools' must be an object keyed by tool name")
-    tools = {name: _tool(server, name, spec) for name, spec in tools_raw.items()}
+    namespaced = raw.get("namespace", True)
+    if not isinstance(namespaced, bool):
+        raise TypeError("'namespace' must be true or false")
+    tools = {
+        name: replace(_tool(server, name, spec), namespaced=namespaced)
+        for name, spec in tools_raw.items()
+    }
+    transport = _transport(raw["transport"])
+    max_sessions = raw.get("max_sessions", DEFAULT_SESSIONS[transport.kind])
+    if not isinstance(max_sessions, int) or not 1 <= max_sessions <= MAX_SESSIONS:
+        raise ValueError(
+            f"'max_sessions' must be a whole number from 1 to {MAX_SESSIONS}"
+        )
     return Manifest(
         server=server,
-        transport=_transport(raw["transport"]),
+        transport=transport,
         credential=_credential(raw.get("credential", {"type": "none"})),
         tools=tools,
         description=str(raw.get("description", "")),
         path=path,
         shadow=_bool(raw, "shadow", server),
+        namespaced=namespaced,
+        max_sessions=max_sessions,
     )
 
 

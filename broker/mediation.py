@@ -5,14 +5,13 @@ touches. A method outside it is refused before the SDK looks at it, so a new
 method in a later protocol version is closed until someone decides what it
 touches. Methods left out on purpose:
 
-- ``resources/subscribe``, ``resources/unsubscribe``, ``subscriptions/listen``:
-  change notifications would have to be filtered per caller and per server;
-  until they are, agents re-list instead.
-- ``logging/setLevel``: it would change a downstream server's behaviour for
-  every caller sharing the broker's session with it.
-- ``completion/complete``: argument completion leaks resource and prompt
-  names that the lists filter out.
+- ``subscriptions/listen``: the sessionless protocol's change stream would
+  have to be filtered per caller and per server; agents re-list instead.
 - ``tasks/*`` and anything experimental: not decided yet.
+
+What a downstream server sends back while it works on a request (sampling,
+elicitation, log messages, progress) is decided and relayed by
+``broker.relay``, only ever to the agent whose request it is.
 """
 
 from __future__ import annotations
@@ -39,6 +38,7 @@ from broker.downstream import Downstream
 from broker.errors import (
     Denied,
     DownstreamFailed,
+    DownstreamRefused,
     Forbidden,
     MethodRefused,
     NotFound,
@@ -50,6 +50,15 @@ from broker.manifest import SEPARATOR
 from broker.observability import Metrics, current_decision
 from broker.policy import Decision, PolicyEngine
 from broker.principal import Principal
+from broker.relay import (
+    METHOD_OF,
+    AgentRelay,
+    Kind,
+    LogLevels,
+    refuse_unaccepted,
+    session_id,
+)
+from broker.resources import Subscriptions, Templates
 
 log = logging.getLogger("broker.mediation")
 
@@ -61,6 +70,7 @@ T = TypeVar("T")
 
 class Touches(enum.Enum):
     NOTHING = "nothing"  # protocol housekeeping, answered by the broker itself
+    SESSION = "session"  # the agent's own session with the broker, nothing else
     TOOL_LIST = "tool list"
     TOOL = "tool"
     RESOURCE_LIST = "resource list"
@@ -80,8 +90,14 @@ METHODS: Mapping[str, Touches] = {
     "resources/list": Touches.RESOURCE_LIST,
     "resources/templates/list": Touches.RESOURCE_LIST,
     "resources/read": Touches.RESOURCE,
+    "resources/subscribe": Touches.RESOURCE,
+    "resources/unsubscribe": Touches.RESOURCE,
     "prompts/list": Touches.PROMPT_LIST,
     "prompts/get": Touches.PROMPT,
+    # Completing a prompt's argument is decided as getting that prompt, a
+    # template's as reading from that template's server.
+    "completion/complete": Touches.PROMPT,
+    "logging/setLevel": Touches.SESSION,
 }
 
 
@@ -106,6 +122,10 @@ class Mediator:
     # Servers whose would-be denials are recorded but still forwarded.
     shadow: frozenset[str] = frozenset()
     metrics: Metrics = field(default_factory=Metrics)
+    prompt_owner: dict[str, str] = field(default_factory=dict)
+    templates: Templates = field(default_factory=Templates)
+    subscriptions: Subscriptions = field(default_factory=Subscriptions)
+    levels: LogLevels = field(default_factory=LogLevels)
 
     # ---- the gate every inbound message passes ----------------------------
 
@@ -132,8 +152,9 @@ class Mediator:
         ctx: ServerRequestContext[Any, Any],
         params: types.PaginatedRequestParams | None,
     ) -> types.ListToolsResult:
+        # The catalog is kept current by the pin check of every new session
+        # and by the servers' list-changed notices, not by listing again here.
         principal = require_principal(ctx)
-        await self.refresh_all()
         usable = self.catalog.usable()
         specs = [t.spec for t in usable]
         visible = {
@@ -150,8 +171,12 @@ class Mediator:
         principal = require_principal(ctx)
         arguments = dict(params.arguments or {})
         findings = inspect(arguments)
-        server = params.name.partition(SEPARATOR)[0]
-        entry = self.new_entry(principal, "tools/call", server, params.name, findings)
+        server = self.catalog.server_of(params.name)
+        try:
+            named = self.catalog.qualified(params.name)
+        except NotFound:
+            named = params.name
+        entry = self.new_entry(principal, "tools/call", server, named, findings)
 
         async def decide() -> tuple[Decision, Downstream]:
             live = self.catalog.resolve(params.name)
@@ -185,11 +210,17 @@ class Mediator:
                 )
             return decision, self.downstreams[live.spec.server]
 
-        def forward(client: Client) -> Awaitable[types.CallToolResult]:
-            return client.call_tool(params.name.partition(SEPARATOR)[2], arguments)
+        def forward(
+            client: Client, relay: AgentRelay
+        ) -> Awaitable[types.CallToolResult]:
+            tool = self.catalog.resolve(params.name).spec.name
+            progress = relay.progress if relay.wants_progress else None
+            return client.call_tool(tool, arguments, progress_callback=progress)
 
         try:
-            return await self.mediate(entry, decide, "tools/call", forward)
+            return await self.mediate(ctx, principal, entry, decide, forward)
+        except DownstreamRefused as refused:
+            raise denial_error(refused) from None
         except Denied as denied:
             return denied_tool_result(denied)
 
@@ -216,11 +247,19 @@ class Mediator:
         ctx: ServerRequestContext[Any, Any],
         params: types.PaginatedRequestParams | None,
     ) -> types.ListResourceTemplatesResult:
-        # Templated URIs cannot be traced back to one server without listing
-        # them, so the broker offers none rather than guess where a read goes.
         principal = require_principal(ctx)
-        self.record_list(principal, "resources/templates/list", "0 shown")
-        return types.ListResourceTemplatesResult(resource_templates=[])
+        templates: list[types.ResourceTemplate] = []
+        for name in self.visible_servers(principal, "resources"):
+            result = await self.list_from(
+                name, "resources/templates/list", _list_templates
+            )
+            for template in result.resource_templates if result else ():
+                if self.templates.add(template.uri_template, name):
+                    templates.append(template)
+        self.record_list(
+            principal, "resources/templates/list", f"{len(templates)} shown"
+        )
+        return types.ListResourceTemplatesResult(resource_templates=templates)
 
     async def read_resource(
         self,
@@ -229,24 +268,101 @@ class Mediator:
     ) -> types.ReadResourceResult:
         principal = require_principal(ctx)
         uri = str(params.uri)
-        server = self.resource_owner.get(uri)
+        server = await self.resource_server(uri)
         entry = self.new_entry(principal, "resources/read", server, uri)
 
         async def decide() -> tuple[Decision, Downstream]:
-            if server is None:
-                raise NotFound(f"resource {uri!r} was not listed by any server")
-            decision = self.engine.decide_resource_read(
-                principal, server, uri, now=self.clock()
-            )
-            return decision, self.downstreams[server]
+            return self.decide_resource(principal, server, uri)
 
-        def forward(client: Client) -> Awaitable[types.ReadResourceResult]:
+        def forward(
+            client: Client, relay: AgentRelay
+        ) -> Awaitable[types.ReadResourceResult]:
             return client.read_resource(uri)
 
         try:
-            return await self.mediate(entry, decide, "resources/read", forward)
+            return await self.mediate(ctx, principal, entry, decide, forward)
         except Denied as denied:
             raise denial_error(denied) from None
+
+    async def subscribe_resource(
+        self, ctx: ServerRequestContext[Any, Any], params: types.SubscribeRequestParams
+    ) -> types.EmptyResult:
+        """Updates to a resource reach the agents that subscribed and may read it."""
+        return await self.follow(ctx, str(params.uri), subscribe=True)
+
+    async def unsubscribe_resource(
+        self,
+        ctx: ServerRequestContext[Any, Any],
+        params: types.UnsubscribeRequestParams,
+    ) -> types.EmptyResult:
+        return await self.follow(ctx, str(params.uri), subscribe=False)
+
+    async def follow(
+        self, ctx: ServerRequestContext[Any, Any], uri: str, *, subscribe: bool
+    ) -> types.EmptyResult:
+        """Start or stop following ``uri``, decided as reading it.
+
+        The server is asked to subscribe for the first follower and to
+        unsubscribe when the last one leaves.
+        """
+        principal = require_principal(ctx)
+        server = await self.resource_server(uri)
+        method = "resources/subscribe" if subscribe else "resources/unsubscribe"
+        entry = self.new_entry(principal, method, server, uri)
+        agent = session_id(ctx) or entry.decision_id
+
+        async def decide() -> tuple[Decision, Downstream]:
+            return self.decide_resource(principal, server, uri)
+
+        async def forward(client: Client, relay: AgentRelay) -> types.EmptyResult:
+            if not subscribe:
+                if self.subscriptions.remove(uri, agent):
+                    return await client.unsubscribe_resource(uri)
+                return types.EmptyResult()
+            if not self.subscriptions.add(uri, agent, ctx.session):
+                return types.EmptyResult()
+            try:
+                return await client.subscribe_resource(uri)
+            except BaseException:
+                self.subscriptions.remove(uri, agent)
+                raise
+
+        try:
+            return await self.mediate(ctx, principal, entry, decide, forward)
+        except Denied as denied:
+            raise denial_error(denied) from None
+
+    def decide_resource(
+        self, principal: Principal, server: str | None, uri: str
+    ) -> tuple[Decision, Downstream]:
+        if server is None:
+            raise NotFound(f"resource {uri!r} was not listed by any server")
+        decision = self.engine.decide_resource_read(
+            principal, server, uri, now=self.clock()
+        )
+        return decision, self.downstreams[server]
+
+    async def resource_server(self, uri: str) -> str | None:
+        """The server a resource URI belongs to, listing again once if unknown."""
+        owner = self.resource_owner.get(uri) or self.templates.owner(uri)
+        if owner is None:
+            await self.learn_resources()
+            owner = self.resource_owner.get(uri) or self.templates.owner(uri)
+        return owner
+
+    async def learn_resources(self) -> None:
+        """Which server offers which resources and templates, from every server."""
+        for name, downstream in self.downstreams.items():
+            if not downstream.connected:
+                continue
+            listed = await self.list_from(name, "resources/list", _list_resources)
+            for resource in listed.resources if listed else ():
+                self.resource_owner.setdefault(str(resource.uri), name)
+            templates = await self.list_from(
+                name, "resources/templates/list", _list_templates
+            )
+            for template in templates.resource_templates if templates else ():
+                self.templates.add(template.uri_template, name)
 
     # ---- prompts --------------------------------------------------------------
 
@@ -259,10 +375,10 @@ class Mediator:
         prompts: list[types.Prompt] = []
         for name in self.visible_servers(principal, "prompts"):
             result = await self.list_from(name, "prompts/list", _list_prompts)
-            prompts.extend(
-                p.model_copy(update={"name": f"{name}{SEPARATOR}{p.name}"})
-                for p in (result.prompts if result else ())
-            )
+            for prompt in result.prompts if result else ():
+                shown = self.prompt_name(name, prompt.name)
+                if self.prompt_owner.setdefault(shown, name) == name:
+                    prompts.append(prompt.model_copy(update={"name": shown}))
         self.record_list(principal, "prompts/list", f"{len(prompts)} shown")
         return types.ListPromptsResult(prompts=prompts)
 
@@ -270,35 +386,119 @@ class Mediator:
         self, ctx: ServerRequestContext[Any, Any], params: types.GetPromptRequestParams
     ) -> types.GetPromptResult:
         principal = require_principal(ctx)
-        server, _, prompt = params.name.partition(SEPARATOR)
+        server, prompt = await self.prompt_target(params.name)
         arguments = dict(params.arguments or {})
         findings = inspect(arguments)
         entry = self.new_entry(principal, "prompts/get", server, params.name, findings)
 
         async def decide() -> tuple[Decision, Downstream]:
-            if not prompt or server not in self.downstreams:
-                raise NotFound(f"no server for prompt {params.name!r}")
-            decision = self.engine.decide_prompt_get(
-                principal, server, prompt, data=findings.classes, now=self.clock()
-            )
-            return decision, self.downstreams[server]
+            return self.decide_prompt(principal, server, prompt, findings.classes)
 
-        def forward(client: Client) -> Awaitable[types.GetPromptResult]:
+        def forward(
+            client: Client, relay: AgentRelay
+        ) -> Awaitable[types.GetPromptResult]:
             return client.get_prompt(prompt, arguments)
 
         try:
-            return await self.mediate(entry, decide, "prompts/get", forward)
+            return await self.mediate(ctx, principal, entry, decide, forward)
         except Denied as denied:
             raise denial_error(denied) from None
+
+    def decide_prompt(
+        self,
+        principal: Principal,
+        server: str | None,
+        prompt: str,
+        data: frozenset[str] = frozenset(),
+    ) -> tuple[Decision, Downstream]:
+        if server is None or server not in self.downstreams:
+            raise NotFound(f"no server for prompt {prompt!r}")
+        decision = self.engine.decide_prompt_get(
+            principal, server, prompt, data=data, now=self.clock()
+        )
+        return decision, self.downstreams[server]
+
+    def prompt_name(self, server: str, prompt: str) -> str:
+        namespaced = self.downstreams[server].manifest.namespaced
+        return f"{server}{SEPARATOR}{prompt}" if namespaced else prompt
+
+    async def prompt_target(self, name: str) -> tuple[str | None, str]:
+        """The server and the server's own name for the prompt an agent names."""
+        server, sep, prompt = name.partition(SEPARATOR)
+        downstream = self.downstreams.get(server)
+        if sep and downstream is not None and downstream.manifest.namespaced:
+            return server, prompt
+        if name not in self.prompt_owner:
+            for owner, other in self.downstreams.items():
+                if other.manifest.namespaced or not other.connected:
+                    continue
+                listed = await self.list_from(owner, "prompts/list", _list_prompts)
+                for offered in listed.prompts if listed else ():
+                    self.prompt_owner.setdefault(offered.name, owner)
+        return self.prompt_owner.get(name), name
+
+    # ---- completion and logging -------------------------------------------------
+
+    async def complete(
+        self, ctx: ServerRequestContext[Any, Any], params: types.CompleteRequestParams
+    ) -> types.CompleteResult:
+        """Completing an argument is decided as using what it belongs to."""
+        principal = require_principal(ctx)
+        ref = params.ref
+        if isinstance(ref, types.PromptReference):
+            server, prompt = await self.prompt_target(ref.name)
+            target: str = ref.name
+            downstream_ref: types.PromptReference | types.ResourceTemplateReference
+            downstream_ref = ref.model_copy(update={"name": prompt})
+        else:
+            target = ref.uri
+            server = self.templates.owner_of_template(ref.uri)
+            if server is None:
+                await self.learn_resources()
+                server = self.templates.owner_of_template(ref.uri)
+            downstream_ref = ref
+        entry = self.new_entry(principal, "completion/complete", server, target)
+
+        async def decide() -> tuple[Decision, Downstream]:
+            if isinstance(ref, types.PromptReference):
+                return self.decide_prompt(principal, server, prompt)
+            return self.decide_resource(principal, server, target)
+
+        def forward(
+            client: Client, relay: AgentRelay
+        ) -> Awaitable[types.CompleteResult]:
+            # The SDK's client builds its CompletionArgument from this dict.
+            argument = params.argument.model_dump()
+            context = params.context.arguments if params.context else None
+            return client.complete(downstream_ref, argument, context)
+
+        try:
+            return await self.mediate(ctx, principal, entry, decide, forward)
+        except Denied as denied:
+            raise denial_error(denied) from None
+
+    async def set_logging_level(
+        self, ctx: ServerRequestContext[Any, Any], params: types.SetLevelRequestParams
+    ) -> types.EmptyResult:
+        """The level of log messages relayed to this agent; servers are not told.
+
+        A server is shared by every agent, so one agent's level must not
+        change what the server sends the others; the broker filters instead.
+        """
+        principal = require_principal(ctx)
+        self.levels.set(session_id(ctx), params.level)
+        self.record_list(principal, "logging/setLevel", f"level {params.level}")
+        return types.EmptyResult()
 
     # ---- the one path from a decision to a downstream server ------------------
 
     async def mediate(
         self,
+        ctx: ServerRequestContext[Any, Any],
+        principal: Principal,
         entry: AuditEntry,
         decide: Callable[[], Awaitable[tuple[Decision, Downstream]]],
-        what: str,
-        forward: Callable[[Client], Awaitable[T]],
+        forward: Callable[[Client, AgentRelay], Awaitable[T]],
     ) -> T:
         """Decide, record, and only then forward; every failure is a recorded denial.
 
@@ -307,6 +507,7 @@ class Mediator:
         A failure after that is recorded again under the same decision id.
         """
         started = time.perf_counter()
+        what = entry.method
         try:
             decision, downstream = await decide()
             entry = replace(entry, reasons=decision.reasons, errors=decision.errors)
@@ -317,8 +518,19 @@ class Mediator:
                 self.store.record(replace(entry, detail="shadow mode: forwarded"))
             else:
                 raise Forbidden("policy did not allow it")
+            relay = AgentRelay(
+                ctx=ctx,
+                principal=principal,
+                server=downstream.name,
+                target=entry.tool or "",
+                decision_id=entry.decision_id,
+                gate=self.gate_server_request,
+                levels=self.levels,
+            )
             with self.metrics.forward_seconds.labels(downstream.name).time():
-                return await downstream.request(what, forward)
+                return await downstream.forward(
+                    what, lambda client: forward(client, relay), relay
+                )
         except Denied as denied:
             denied.decision_id = entry.decision_id
             self.record_denial(entry, denied, started)
@@ -347,39 +559,65 @@ class Mediator:
             log.warning("%s skipped %s: %s", what, server, exc.detail)
             return None
 
-    # ---- requests a downstream server sends towards the agent ------------------
+    # ---- what a downstream server sends towards the agent ---------------------
+
+    async def gate_server_request(self, relay: AgentRelay, kind: Kind) -> None:
+        """Decide and record a sampling or elicitation request during a call."""
+        entry = self.new_entry(
+            relay.principal, METHOD_OF[kind], relay.server, relay.target
+        )
+        entry = replace(entry, detail=f"asked during decision {relay.decision_id}")
+        try:
+            refuse_unaccepted(relay, kind)
+            decision = self.engine.decide_server_request(
+                relay.server, relay.principal, kind, now=self.clock()
+            )
+            entry = replace(entry, reasons=decision.reasons, errors=decision.errors)
+            if not decision.allowed:
+                raise Forbidden(f"policy did not allow {relay.server} to {kind}")
+        except Denied as denied:
+            denied.decision_id = entry.decision_id
+            self.record_denial(entry, denied)
+            raise
+        self.store.record(replace(entry, outcome="allow", category="allowed"))
 
     async def server_request(self, server: str, kind: str, params: Any) -> Any:
-        """Sampling or elicitation asked by a downstream server: recorded and refused.
+        """Sampling or elicitation outside any forwarded request: recorded and refused.
 
-        Such a request cannot yet be tied to the agent call that caused it
-        (stdio carries no such link, and one session serves every agent), so
-        there is no user to decide for and nobody to relay it to.
+        With no request in flight on the session there is no agent it could
+        be for, so there is nobody to decide for and nobody to relay it to.
         """
-        method = "sampling/createMessage" if kind == "sample" else "elicitation/create"
+        method = METHOD_OF["sample" if kind == "sample" else "elicit"]
         entry = replace(self.new_entry(None, method), server=server)
-        refused = Forbidden("a downstream request cannot be tied to an agent call")
+        refused = Forbidden("a server asked for this outside any agent's request")
         self.record_denial(entry, refused)
         return types.ErrorData(
             code=DENIED_CODE, message=f"denied by the broker: {refused.category}"
         )
 
+    async def notice(
+        self, downstream: Downstream, message: types.ServerNotification
+    ) -> None:
+        """What a server announces outside any request."""
+        if isinstance(message, types.ToolListChangedNotification):
+            try:
+                await self.refresh(downstream)
+            except DownstreamFailed as exc:
+                log.warning("re-listing %s failed: %s", downstream.name, exc.detail)
+        elif isinstance(message, types.ResourceUpdatedNotification):
+            await self.subscriptions.announce(str(message.params.uri))
+
     # ---- pins -------------------------------------------------------------------
 
     async def refresh(self, downstream: Downstream) -> None:
         """Check one server's offered tools against the pins and record any drift."""
-        unverified = await downstream.list_tools()
+        await self.check_tools(downstream, await downstream.list_tools())
+
+    async def check_tools(
+        self, downstream: Downstream, unverified: list[types.Tool]
+    ) -> None:
         for drift in self.catalog.refresh(downstream.name, unverified):
             self.record_drift(drift)
-
-    async def refresh_all(self) -> None:
-        for downstream in self.downstreams.values():
-            if not downstream.connected:
-                continue
-            try:
-                await self.refresh(downstream)
-            except DownstreamFailed as exc:
-                log.warning("tools/list failed on %s: %s", downstream.name, exc.detail)
 
     def visible_servers(
         self, principal: Principal, what: Literal["resources", "prompts"]
@@ -462,6 +700,10 @@ def _list_prompts(client: Client) -> Awaitable[types.ListPromptsResult]:
     return client.list_prompts()
 
 
+def _list_templates(client: Client) -> Awaitable[types.ListResourceTemplatesResult]:
+    return client.list_resource_templates()
+
+
 def principal_or_none(ctx: ServerRequestContext[Any, Any]) -> Principal | None:
     scope = getattr(ctx.request, "scope", None)
     if not isinstance(scope, dict):
@@ -479,7 +721,12 @@ def require_principal(ctx: ServerRequestContext[Any, Any]) -> Principal:
 
 
 def denial_error(denied: Denied) -> MCPError:
-    """The only thing an agent learns about a denial: its category and decision id."""
+    """The only thing an agent learns about a denial: its category and decision id.
+
+    An error the server itself answered is passed on as it came.
+    """
+    if isinstance(denied, DownstreamRefused):
+        return MCPError(code=denied.code, message=denied.message, data=denied.data)
     message = f"denied by the broker: {denied.category} (decision {denied.decision_id})"
     return MCPError(
         code=DENIED_CODE,

@@ -67,6 +67,9 @@ class RedactingFormatter(logging.Formatter):
         return f"{text} decision_id={decision_id}" if decision_id else text
 
 
+CHATTY_LIBRARIES = ("httpx2", "httpcore2", "mcp", "uvicorn.access")
+
+
 def configure_logging(log_format: str = "text", level: int = logging.INFO) -> None:
     handler = logging.StreamHandler()
     if log_format == "json":
@@ -78,6 +81,11 @@ def configure_logging(log_format: str = "text", level: int = logging.INFO) -> No
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # These libraries log every HTTP request and every MCP session at INFO:
+    # one line per call is noise to an operator and a cost on the hot path.
+    # The broker's own record already holds every decision.
+    for chatty in CHATTY_LIBRARIES:
+        logging.getLogger(chatty).setLevel(max(level, logging.WARNING))
 
 
 class Metrics:

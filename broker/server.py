@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -22,6 +23,7 @@ from mcp.server.streamable_http_manager import (
     StreamableHTTPSessionManager,
 )
 from mcp.server.transport_security import TransportSecuritySettings
+from mcp.shared.exceptions import MCPDeprecationWarning
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -104,7 +106,8 @@ def build_broker(config: BrokerConfig, *, store: Store | None = None) -> Broker:
             m,
             call_timeout=config.call_timeout_seconds,
             on_server_request=mediator.server_request,
-            on_connected=mediator.refresh,
+            on_tools=mediator.check_tools,
+            on_notice=mediator.notice,
         )
         for name, m in manifests.items()
     }
@@ -120,7 +123,7 @@ def build_broker(config: BrokerConfig, *, store: Store | None = None) -> Broker:
     mcp_server = _mcp_server(mediator)
     manager = StreamableHTTPSessionManager(
         app=mcp_server,
-        stateless=True,
+        stateless=config.sessions == "stateless",
         security_settings=TransportSecuritySettings(
             enable_dns_rebinding_protection=True,
             allowed_hosts=list(config.allowed_hosts),
@@ -173,18 +176,30 @@ def build_broker(config: BrokerConfig, *, store: Store | None = None) -> Broker:
 
 
 def _mcp_server(mediator: Mediator) -> Server[Any]:
+    # The SDK marks logging/setLevel deprecated for the newest protocol; the
+    # broker still serves it to clients of the versions that have it.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MCPDeprecationWarning)
+        return _mcp_server_with_logging(mediator)
+
+
+def _mcp_server_with_logging(mediator: Mediator) -> Server[Any]:
     server: Server[Any] = Server(
         "mcp-broker",
         version=__version__,
-        instructions="Tools are named <server>.<tool>; policy decides every call.",
+        instructions="Policy decides every request; a denial names its decision id.",
         get_tool_input_schema=mediator.catalog.input_schema,
         on_list_tools=mediator.list_tools,
         on_call_tool=mediator.call_tool,
         on_list_resources=mediator.list_resources,
         on_list_resource_templates=mediator.list_resource_templates,
         on_read_resource=mediator.read_resource,
+        on_subscribe_resource=mediator.subscribe_resource,
+        on_unsubscribe_resource=mediator.unsubscribe_resource,
         on_list_prompts=mediator.list_prompts,
         on_get_prompt=mediator.get_prompt,
+        on_completion=mediator.complete,
+        on_set_logging_level=mediator.set_logging_level,
     )
     server.middleware.append(mediator.gate)
     return server

@@ -213,12 +213,16 @@ async def agent(
     *,
     mode: str = "legacy",
     headers: dict[str, str] | None = None,
+    **callbacks: Any,
 ) -> AsyncIterator[Client]:
-    """The SDK's own client, as an agent would hold it, pointed at ``url``."""
+    """The SDK's own client, as an agent would hold it, pointed at ``url``.
+
+    ``callbacks`` are the client's own (``sampling_callback`` and the like).
+    """
     all_headers = dict(headers or {})
     if token is not None:
         all_headers["Authorization"] = f"Bearer {token}"
     async with httpx2.AsyncClient(headers=all_headers, timeout=30.0) as http:
         transport = streamable_http_client(url, http_client=http)
-        async with Client(transport, mode=mode, cache=None) as client:  # type: ignore[arg-type]
+        async with Client(transport, mode=mode, cache=None, **callbacks) as client:  # type: ignore[arg-type]
             yield client

@@ -213,7 +213,7 @@ async def test_error_answer_keeps_the_session(
     gets = [
         (e.outcome, e.category) for e in broker.audit() if e.method == "prompts/get"
     ]
-    assert gets[-1] == ("deny", "downstream_unavailable")
+    assert gets[-1] == ("deny", "downstream_error")
 
 
 async def test_server_that_never_finishes_its_handshake_is_reported(

@@ -139,16 +139,39 @@ async def test_record_is_written_with_redacted_arguments(
 
 
 def rpc(broker: RunningBroker, token: str, method: str, params: Any) -> Any:
-    """One raw JSON-RPC request, as a client outside the SDK would send it."""
-    response = httpx2.post(
-        broker.url,
-        json={"jsonrpc": "2.0", "id": 7, "method": method, "params": params},
-        headers={
-            "Authorization": f"Bearer {token}",
-            "Accept": "application/json, text/event-stream",
-            "MCP-Protocol-Version": "2025-11-25",
-        },
-    )
+    """One raw JSON-RPC request in a new session, as a client outside the SDK would."""
+    headers = {
+        "Authorization": f"Bearer {token}",
+        "Accept": "application/json, text/event-stream",
+        "MCP-Protocol-Version": "2025-11-25",
+    }
+    hello = {
+        "protocolVersion": "2025-11-25",
+        "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "0"},
+    }
+    opened = _post(broker, headers, "initialize", hello, request_id=1)
+    headers["Mcp-Session-Id"] = opened.headers["mcp-session-id"]
+    _post(broker, headers, "notifications/initialized", None)
+    return _answer(_post(broker, headers, method, params, request_id=7))
+
+
+def _post(
+    broker: RunningBroker,
+    headers: dict[str, str],
+    method: str,
+    params: Any,
+    request_id: int | None = None,
+) -> httpx2.Response:
+    message: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+    if params is not None:
+        message["params"] = params
+    if request_id is not None:
+        message["id"] = request_id
+    return httpx2.post(broker.url, json=message, headers=headers)
+
+
+def _answer(response: httpx2.Response) -> Any:
     text = response.text
     if "data:" in text:
         text = next(line[5:] for line in text.splitlines() if line.startswith("data:"))
@@ -160,16 +183,12 @@ def test_unknown_and_unmediated_methods_are_refused(
 ) -> None:
     """A method outside the mediation table is refused, and that is recorded."""
     token = live_idp.token()
-    completion = {
-        "ref": {"type": "ref/prompt", "name": "demo.summarize"},
-        "argument": {"name": "text", "value": "x"},
-    }
-    refused = rpc(broker, token, "completion/complete", completion)
+    refused = rpc(broker, token, "subscriptions/listen", {})
     unknown = rpc(broker, token, "made/up", {})
     assert refused["error"]["data"]["category"] == "method_refused"
     assert unknown["error"]["data"]["category"] == "method_refused"
     methods = {e.method for e in broker.audit() if e.category == "method_refused"}
-    assert {"completion/complete", "made/up"} <= methods
+    assert {"subscriptions/listen", "made/up"} <= methods
 
 
 async def test_unknown_tool_is_not_found(

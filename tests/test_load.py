@@ -57,7 +57,9 @@ async def test_many_agents_on_two_replicas_get_only_decided_answers(
     calls = [e for e in redis.record() if e.method == "tools/call"]
     verified = audit_verify(pair[0])
     assert len(outcomes) == AGENTS * CALLS
-    assert [o for o in outcomes if o.category != o.kind.decided] == []
+    decided = {o.kind.decided for o in outcomes}
+    unexpected = [e.detail for e in calls if e.category not in decided]
+    assert [o for o in outcomes if o.category != o.kind.decided] == [], unexpected
     assert len(calls) == AGENTS * CALLS, Counter((e.outcome, e.category) for e in calls)
     assert len({e.decision_id for e in calls}) == AGENTS * CALLS
     assert verified.returncode == 0, verified.stdout + verified.stderr

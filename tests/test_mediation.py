@@ -11,6 +11,9 @@ from broker.audit import AuditEntry, SqliteStore
 from broker.catalog import Catalog
 from broker.errors import Forbidden
 from broker.mediation import Mediator
+from broker.principal import Principal
+
+PRINCIPAL = Principal(subject="alice", issuer="https://idp.test", client_id="agent")
 
 
 async def test_an_unforeseen_failure_while_deciding_is_a_recorded_denial(
@@ -29,11 +32,12 @@ async def test_an_unforeseen_failure_while_deciding_is_a_recorded_denial(
     async def decide() -> Any:
         raise KeyError("surprise")
 
-    async def forward(client: Any) -> Any:
+    async def forward(client: Any, relay: Any) -> Any:
         raise AssertionError("nothing may be forwarded")
 
+    no_request: Any = None
     with pytest.raises(Forbidden) as denied:
-        await mediator.mediate(entry, decide, "tools/call", forward)
+        await mediator.mediate(no_request, PRINCIPAL, entry, decide, forward)
     kept: list[AuditEntry] = store.entries()
     assert denied.value.decision_id == entry.decision_id
     assert [(e.decision_id, e.outcome) for e in kept] == [(entry.decision_id, "deny")]

@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
+from mcp.server.auth.provider import AccessToken
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -68,6 +70,9 @@ class BearerAuth:
             return
 
         scope[PRINCIPAL_KEY] = principal
+        # The SDK binds a stateful session to the identity that opened it and
+        # answers anyone else as if the session did not exist.
+        scope["user"] = session_owner(principal)
         await self._app(scope, receive, send)
 
     async def _authenticate(self, token: str | None) -> Principal:
@@ -179,3 +184,17 @@ def protected_resource_metadata(config: BrokerConfig) -> Route:
 def _quoted(value: str) -> str:
     escaped = value.replace("\\", "\\\\").replace('"', '\\"')
     return f'"{escaped}"'
+
+
+def session_owner(principal: Principal) -> AuthenticatedUser:
+    """The principal as the SDK identifies a session's owner (never the token)."""
+    return AuthenticatedUser(
+        AccessToken(
+            token="",
+            client_id=principal.client_id,
+            scopes=sorted(principal.scopes),
+            expires_at=int(principal.expires_at) or None,
+            subject=principal.subject,
+            claims={"iss": principal.issuer},
+        )
+    )

@@ -1,0 +1,64 @@
+"""A downstream server that talks back while it works, for the relay tests.
+
+Each tool uses one thing a server may send towards the client in the middle
+of a request: a sampling request, an elicitation request, log messages at
+several levels, or progress notifications. Run over stdio.
+"""
+
+from __future__ import annotations
+
+import anyio
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.types import SamplingMessage, TextContent
+from pydantic import BaseModel
+
+server = MCPServer("relay", version="1.0")
+
+
+class Answer(BaseModel):
+    name: str
+
+
+@server.tool(description="Ask the client's model to complete a prompt.")
+async def ask_model(prompt: str, ctx: Context) -> str:
+    result = await ctx.session.create_message(
+        messages=[
+            SamplingMessage(role="user", content=TextContent(type="text", text=prompt))
+        ],
+        max_tokens=50,
+        related_request_id=ctx.request_id,
+    )
+    content = result.content
+    text = content.text if isinstance(content, TextContent) else "?"
+    return f"model said: {text}"
+
+
+@server.tool(description="Ask the user for a name.")
+async def ask_user(question: str, ctx: Context) -> str:
+    try:
+        answer = await ctx.elicit(question, Answer)
+    except Exception as exc:
+        return f"not answered: {exc}"
+    if answer.action == "accept" and answer.data is not None:
+        return f"user said: {answer.data.name}"
+    return f"user chose: {answer.action}"
+
+
+@server.tool(description="Log one message at each of three levels.")
+async def chatty(ctx: Context) -> str:
+    await ctx.debug("a debug line")
+    await ctx.info("an info line")
+    await ctx.warning("a warning line")
+    return "logged"
+
+
+@server.tool(description="Report progress in a few steps.")
+async def steps(count: int, ctx: Context) -> str:
+    for step in range(1, count + 1):
+        await ctx.report_progress(step, count, f"step {step}")
+        await anyio.sleep(0.01)
+    return f"{count} steps"
+
+
+if __name__ == "__main__":
+    server.run("stdio")
