@@ -1,0 +1,1 @@
+"""The MCP conformance suite run against the broker: fixture server, shim, runner."""
