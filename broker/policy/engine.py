@@ -22,6 +22,7 @@ import cedarpy
 from broker.manifest import ToolSpec
 from broker.policy import loading
 from broker.policy.schema import Record, cedar_string, cedar_value
+from broker.policy.slices import Slices
 from broker.principal import Principal
 
 P = ParamSpec("P")
@@ -60,16 +61,30 @@ class PolicyEngine:
     Only a small cache of per-user entity sets changes between calls.
     """
 
-    __slots__ = ("_loaded", "_users")
+    __slots__ = ("_loaded", "_reads_time", "_slices", "_users", "_visible")
 
     def __init__(self, loaded: loading.Loaded) -> None:
         self._loaded = loaded
+        tool_actions = (f"call:{name}" for name in loaded.tools)
+        self._slices = Slices(loaded.policies, loaded.entities, tool_actions)
         self._users: dict[tuple[str, frozenset[str]], cedarpy.Entities] = {}
+        # Which tools each caller may see, by everything a listing is decided
+        # on. The time is part of that only when a policy could read it; a
+        # mention of "now" anywhere, even in a string, counts.
+        self._reads_time = "now" in repr(loaded.policies.to_pst().static_policies)
+        self._visible: dict[tuple[object, ...], dict[str, bool]] = {}
 
     @classmethod
     def load(cls, policy_dir: Path, tools: Iterable[ToolSpec]) -> PolicyEngine:
-        """Parse and validate ``policy_dir`` for ``tools``; PolicyError if unusable."""
-        return cls(loading.load(policy_dir, tools))
+        """Parse and validate ``policy_dir`` for ``tools``; PolicyError if unusable.
+
+        Each tool's slice of the policies is cut here too, so that neither a
+        first call nor a first listing pays for it.
+        """
+        engine = cls(loading.load(policy_dir, tools))
+        for name in engine._loaded.tools:
+            engine._slices.for_action(f"call:{name}")
+        return engine
 
     def reload(self, policy_dir: Path, tools: Iterable[ToolSpec]) -> PolicyEngine:
         """A new engine, or PolicyError; the caller keeps this one on failure."""
@@ -216,17 +231,37 @@ class PolicyEngine:
             context = _preview_context(principal, now, ("data", "approval", "input"))
         except (ValueError, OverflowError):
             return []
-        return [
-            tool
-            for tool in tools
-            if self._is_pinned(tool)
-            and self._could_allow(
-                principal,
-                f"call:{tool.qualified_name}",
-                _uid_text("Tool", tool.qualified_name),
-                context,
-            )
-        ]
+        known = self._visible_for(principal, now)
+        shown: list[ToolSpec] = []
+        for tool in tools:
+            if not self._is_pinned(tool):
+                continue
+            visible = known.get(tool.qualified_name)
+            if visible is None:
+                visible = known[tool.qualified_name] = self._could_allow(
+                    principal,
+                    f"call:{tool.qualified_name}",
+                    _uid_text("Tool", tool.qualified_name),
+                    context,
+                )
+            if visible:
+                shown.append(tool)
+        return shown
+
+    def _visible_for(self, principal: Principal, now: float) -> dict[str, bool]:
+        key = (
+            principal.subject,
+            principal.groups,
+            principal.scopes,
+            principal.client_id,
+            int(now) if self._reads_time else None,
+        )
+        known = self._visible.get(key)
+        if known is None:
+            if len(self._visible) >= USER_CACHE_SIZE:
+                self._visible.clear()
+            known = self._visible[key] = {}
+        return known
 
     def visible_servers(
         self,
@@ -293,7 +328,7 @@ class PolicyEngine:
             entities = entities.with_added_json_str(extra_entities)
         result = cedarpy.is_authorized(
             request,
-            self._loaded.policies,
+            self._slices.for_action(action["id"]),
             entities,
             self._loaded.schema,
         )
@@ -322,7 +357,7 @@ class PolicyEngine:
                 "context": context,
             }
             result = cedarpy.is_authorized_partial(
-                request, self._loaded.policies, self._entities(principal)
+                request, self._slices.for_action(action), self._entities(principal)
             )
         except Exception:
             return False
