@@ -22,8 +22,10 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Literal, TypeVar
 
+import anyio.to_thread
 import mcp.types as types
 from mcp import Client
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
@@ -157,10 +159,12 @@ class Mediator:
         principal = require_principal(ctx)
         usable = self.catalog.usable()
         specs = [t.spec for t in usable]
-        visible = {
-            t.qualified_name
-            for t in self.engine.visible_tools(principal, specs, now=self.clock())
-        }
+        # A caller's first listing previews every tool with Cedar, which takes
+        # a while for many tools; off the event loop, other requests go on.
+        listed = await anyio.to_thread.run_sync(
+            partial(self.engine.visible_tools, principal, specs, now=self.clock())
+        )
+        visible = {t.qualified_name for t in listed}
         tools = [t.definition for t in usable if t.spec.qualified_name in visible]
         self.record_list(principal, "tools/list", f"{len(tools)} of {len(usable)}")
         return types.ListToolsResult(tools=tools)

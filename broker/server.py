@@ -116,9 +116,7 @@ def build_broker(config: BrokerConfig, *, store: Store | None = None) -> Broker:
     mediator.downstreams = downstreams
     approvals = build_approvals(config, store, lambda: mediator.engine)
     mediator.approvals = approvals
-    metrics.count_pending_with(
-        lambda: len(approvals.store.listed(Status.PENDING, limit=100_000))
-    )
+    metrics.count_pending_with(lambda: approvals.store.count(Status.PENDING))
 
     mcp_server = _mcp_server(mediator)
     manager = StreamableHTTPSessionManager(

@@ -105,6 +105,14 @@ def test_listed_shows_pending_actions_oldest_first(store: ApprovalStore) -> None
     assert [a.id for a in store.listed(Status.PENDING)] == ["early", "late"]
 
 
+def test_actions_are_counted_by_status_without_listing(store: ApprovalStore) -> None:
+    for n in range(3):
+        store.add(pending(f"a{n}", created=NOW + n), Recorded())
+    approve(store, "a1")
+    assert (store.count(Status.PENDING), store.count(Status.APPROVED)) == (2, 1)
+    assert store.count(Status.REJECTED) == 0
+
+
 def test_an_action_is_decided_once(store: ApprovalStore) -> None:
     """The first decision wins; a second one raises NotPending."""
     store.add(pending(), Recorded())

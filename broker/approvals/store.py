@@ -40,6 +40,9 @@ class ApprovalStore(Protocol):
     def listed(self, status: Status, *, limit: int = 200) -> list[PendingAction]:
         """Actions in ``status``, oldest first."""
 
+    def count(self, status: Status) -> int:
+        """How many actions are in ``status``, without reading them."""
+
     def decide(
         self,
         action_id: str,
@@ -162,6 +165,12 @@ class SqliteApprovalStore:
         if row is None:
             raise NotFound(f"no pending action {action_id!r}")
         return _action(row)
+
+    def count(self, status: Status) -> int:
+        query = "SELECT COUNT(*) FROM pending_actions WHERE status = ?"
+        with self._mapped(), self._lock:
+            (found,) = self._db.execute(query, (status.value,)).fetchone()
+        return int(found)
 
     def listed(self, status: Status, *, limit: int = 200) -> list[PendingAction]:
         query = (

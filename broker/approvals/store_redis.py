@@ -132,6 +132,11 @@ class RedisApprovalStore:
             raise NotFound(f"no pending action {action_id!r}")
         return _action(cast(dict[str, str], fields))
 
+    def count(self, status: Status) -> int:
+        with _mapped(f"{status.value} actions not counted"):
+            found = self._client.zcard(self.keys.status(status))
+        return int(found)
+
     def listed(self, status: Status, *, limit: int = 200) -> list[PendingAction]:
         if limit <= 0:
             return []
