@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import httpx2
+import mcp.types as types
 import pytest
 from mcp import Client, StdioServerParameters
+from mcp.shared.exceptions import MCPError
 
-from tests.harness import RunningBroker, agent
+from tests.harness import (
+    RunningBroker,
+    agent,
+    install_manifest,
+    running_broker,
+    write_config,
+)
 from tests.idp import LocalIdP
 
 READ_TOOLS = {"demo.echo", "demo.add", "demo.search_web", "demo.slow"}
@@ -263,3 +273,86 @@ async def test_resources_and_prompts_are_mediated(
     methods = [e.method for e in broker.audit() if e.outcome == "allow"]
     assert "resources/read" in methods
     assert "prompts/get" in methods
+
+
+def test_a_session_answers_only_the_identity_that_opened_it(
+    broker: RunningBroker, live_idp: LocalIdP
+) -> None:
+    """Another user holding someone's session id is told it does not exist."""
+    alice = {
+        "Authorization": f"Bearer {live_idp.token()}",
+        "Accept": "application/json, text/event-stream",
+        "MCP-Protocol-Version": "2025-11-25",
+    }
+    hello = {
+        "protocolVersion": "2025-11-25",
+        "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "0"},
+    }
+    opened = _post(broker, alice, "initialize", hello, request_id=1)
+    session = opened.headers["mcp-session-id"]
+    mallory_claims = {**live_idp.claims(), "sub": "mallory"}
+    mallory = {
+        **alice,
+        "Authorization": f"Bearer {live_idp.token(mallory_claims)}",
+        "Mcp-Session-Id": session,
+    }
+    call = {"name": "demo.echo", "arguments": {"text": "hijack"}}
+    hijack = _post(broker, mallory, "tools/call", call, request_id=2)
+    assert hijack.status_code == 404
+    assert not [e for e in broker.downstream_saw() if e.get("tool") == "echo"]
+
+
+async def test_stateless_sessions_refuse_what_needs_a_reply(
+    tmp_path: Path, live_idp: LocalIdP, port: int
+) -> None:
+    """With sessions = "stateless" calls work and nothing is kept per agent."""
+    write_config(
+        tmp_path,
+        port,
+        live_idp.issuer,
+        live_idp.jwks_url,
+        extra_broker='sessions = "stateless"',
+    )
+    install_manifest(tmp_path)
+    with running_broker(tmp_path, port) as stateless:
+        async with agent(stateless.url, live_idp.token()) as client:
+            result = await client.call_tool("demo.add", {"a": 2, "b": 3})
+        opened = _post(
+            stateless,
+            {
+                "Authorization": f"Bearer {live_idp.token()}",
+                "Accept": "application/json, text/event-stream",
+            },
+            "initialize",
+            {
+                "protocolVersion": "2025-11-25",
+                "capabilities": {},
+                "clientInfo": {"name": "raw", "version": "0"},
+            },
+            request_id=1,
+        )
+    assert result.is_error is False
+    assert "mcp-session-id" not in opened.headers
+
+
+async def test_completion_is_decided_as_getting_the_prompt(
+    broker: RunningBroker, live_idp: LocalIdP
+) -> None:
+    """Completing a prompt's argument is decided and recorded as that prompt."""
+    known = types.PromptReference(type="ref/prompt", name="demo.summarize")
+    unknown = types.PromptReference(type="ref/prompt", name="other.summarize")
+    async with agent(broker.url, live_idp.token()) as client:
+        # The demo server may offer no completions; the decision comes first.
+        with contextlib.suppress(MCPError):
+            await client.complete(known, {"name": "text", "value": "he"})
+        with pytest.raises(MCPError) as refused:
+            await client.complete(unknown, {"name": "text", "value": "x"})
+    assert refused.value.error.data["category"] == "not_found"
+    completions = [
+        (e.outcome, e.category, e.server, e.tool)
+        for e in broker.audit()
+        if e.method == "completion/complete"
+    ]
+    assert completions[0] == ("allow", "allowed", "demo", "demo.summarize")
+    assert completions[-1] == ("deny", "not_found", None, "other.summarize")

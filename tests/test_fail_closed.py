@@ -158,6 +158,8 @@ def test_invalid_policy_stops_start_with_policy_id(
         ({"tools": {"echo": {"pin": "md5:abc"}}}, "pin must be"),
         ({"server": "Bad Name"}, "server name"),
         ({"transport": {"type": "carrier-pigeon"}}, "transport.type"),
+        ({"namespace": "no"}, "'namespace' must be true or false"),
+        ({"max_sessions": 0}, "'max_sessions' must be a whole number"),
     ],
 )
 def test_invalid_manifest_stops_start(
@@ -172,6 +174,20 @@ def test_invalid_manifest_stops_start(
     assert done.returncode == 2
     assert "demo.json" in done.stderr
     assert message in done.stderr
+
+
+def test_two_tools_exposed_under_one_name_stop_start(
+    tmp_path: Path, live_idp: LocalIdP
+) -> None:
+    """An unprefixed server may not shadow another server's tool name."""
+    write_config(tmp_path, free_port(), live_idp.issuer, live_idp.jwks_url)
+    install_manifest(tmp_path)
+    shadowing = {**demo_manifest(), "server": "other", "namespace": False}
+    shadowing["tools"] = {"demo.echo": demo_manifest()["tools"]["echo"]}
+    install_manifest(tmp_path, shadowing)
+    done = broker_command(tmp_path, "check")
+    assert done.returncode == 2
+    assert "'demo.echo' is exposed by both demo and other" in done.stderr
 
 
 def test_missing_downstream_secret_stops_start(
