@@ -122,7 +122,7 @@ class Downstream:
             max_buffer_size=math.inf
         )
         self._open: set[_Session] = set()
-        self._opening = 0
+        self._opening = False
         self._slots = anyio.Semaphore(manifest.max_sessions)
         self._tasks: anyio.abc.TaskGroup | None = None
         self.last_error = ""
@@ -321,10 +321,12 @@ class Downstream:
             try:
                 session = self._free.receive_nowait()
             except anyio.WouldBlock:
-                room = len(self._open) + self._opening < self.manifest.max_sessions
-                if room and self._tasks is not None:
-                    self._opening += 1
-                    self._tasks.start_soon(self._open_one_more)
+                # One new session at a time: each lists every tool for its pin
+                # check, and a burst of them at once is a burst of memory.
+                room = len(self._open) < self.manifest.max_sessions
+                if room and not self._opening and self._tasks is not None:
+                    self._opening = True
+                    self._tasks.start_soon(self._open_more)
                 session = await self._free.receive()
             if session.sound:
                 return session
@@ -335,11 +337,22 @@ class Downstream:
         elif session is not self._control:
             session.closed.set()
 
-    async def _open_one_more(self) -> None:
+    async def _open_more(self) -> None:
+        """Open sessions one after another while requests wait and there is room.
+
+        A failure ends the round; the requests waiting get the next session
+        given back, or time out.
+        """
         assert self._tasks is not None
         try:
-            with anyio.fail_after(self.connect_timeout):
-                session: _Session = await self._tasks.start(self._hold_extra)
+            while (
+                not self._stopping
+                and self._free.statistics().tasks_waiting_receive
+                and len(self._open) < self.manifest.max_sessions
+            ):
+                with anyio.fail_after(self.connect_timeout):
+                    session: _Session = await self._tasks.start(self._hold_extra)
+                self._give_back(session)
         except Exception as exc:
             log.warning(
                 "downstream %s: could not open another session: %s: %s",
@@ -347,10 +360,8 @@ class Downstream:
                 type(exc).__name__,
                 exc,
             )
-        else:
-            self._give_back(session)
         finally:
-            self._opening -= 1
+            self._opening = False
 
     async def _hold_extra(
         self, *, task_status: anyio.abc.TaskStatus[_Session] = anyio.TASK_STATUS_IGNORED

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -67,6 +68,9 @@ log = logging.getLogger("broker.mediation")
 # JSON-RPC error code for a request the broker refused (implementation-defined range).
 DENIED_CODE = -32003
 PRINCIPAL_KEY = "broker.principal"
+# A name no listing accounts for makes the broker list the servers again at
+# most this often.
+RELEARN_SECONDS = 5.0
 T = TypeVar("T")
 
 
@@ -128,6 +132,7 @@ class Mediator:
     templates: Templates = field(default_factory=Templates)
     subscriptions: Subscriptions = field(default_factory=Subscriptions)
     levels: LogLevels = field(default_factory=LogLevels)
+    relearned: dict[str, float] = field(default_factory=dict)
 
     # ---- the gate every inbound message passes ----------------------------
 
@@ -349,10 +354,22 @@ class Mediator:
     async def resource_server(self, uri: str) -> str | None:
         """The server a resource URI belongs to, listing again once if unknown."""
         owner = self.resource_owner.get(uri) or self.templates.owner(uri)
-        if owner is None:
+        if owner is None and self.may_relearn("resources"):
             await self.learn_resources()
             owner = self.resource_owner.get(uri) or self.templates.owner(uri)
         return owner
+
+    def may_relearn(self, what: str) -> bool:
+        """Whether a name nobody listed may send the broker listing again.
+
+        At most once per ``RELEARN_SECONDS``: otherwise any agent could make
+        the broker list every server by asking for names that do not exist.
+        """
+        now = time.monotonic()
+        if now - self.relearned.get(what, -math.inf) < RELEARN_SECONDS:
+            return False
+        self.relearned[what] = now
+        return True
 
     async def learn_resources(self) -> None:
         """Which server offers which resources and templates, from every server."""
@@ -432,7 +449,7 @@ class Mediator:
         downstream = self.downstreams.get(server)
         if sep and downstream is not None and downstream.manifest.namespaced:
             return server, prompt
-        if name not in self.prompt_owner:
+        if name not in self.prompt_owner and self.may_relearn("prompts"):
             for owner, other in self.downstreams.items():
                 if other.manifest.namespaced or not other.connected:
                     continue

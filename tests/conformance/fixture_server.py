@@ -46,6 +46,7 @@ Content = types.TextContent | types.ImageContent | types.AudioContent
 Block = Content | types.EmbeddedResource
 # Suggested to clients in the SSE retry field, in milliseconds.
 RETRY_MILLISECONDS = 500
+PRIMING_SECONDS = 0.2
 # The spacing the suite asks for between log and progress notifications.
 STEP_SECONDS = 0.05
 
@@ -146,6 +147,9 @@ async def _reconnection(ctx: Context, arguments: dict[str, Any]) -> list[Block]:
     # later; the suite's request for this tool says 2025-03-26, so the
     # answer then comes on the stream it asked on.
     if ctx.close_sse_stream is not None:
+        # Let the stream's priming event (the id a client resumes from) reach
+        # the client before the stream closes; closing at once can race it.
+        await anyio.sleep(PRIMING_SECONDS)
         await ctx.close_sse_stream()
         await anyio.sleep(RETRY_MILLISECONDS / 1000 * 2)
     return [text_block("Reconnection test done.")]
