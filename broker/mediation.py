@@ -83,6 +83,9 @@ class Touches(enum.Enum):
     RESOURCE = "resource"
     PROMPT_LIST = "prompt list"
     PROMPT = "prompt"
+    # A prompt's argument is decided as getting that prompt, a template's as
+    # reading from that template's server.
+    COMPLETION = "prompt or resource template"
 
 
 METHODS: Mapping[str, Touches] = {
@@ -100,9 +103,7 @@ METHODS: Mapping[str, Touches] = {
     "resources/unsubscribe": Touches.RESOURCE,
     "prompts/list": Touches.PROMPT_LIST,
     "prompts/get": Touches.PROMPT,
-    # Completing a prompt's argument is decided as getting that prompt, a
-    # template's as reading from that template's server.
-    "completion/complete": Touches.PROMPT,
+    "completion/complete": Touches.COMPLETION,
     "logging/setLevel": Touches.SESSION,
 }
 

@@ -176,5 +176,10 @@ class AgentRelay:
 
 
 def refuse_unaccepted(relay: AgentRelay, kind: Kind) -> None:
+    """Denied unless the agent can be asked at all, and takes this kind."""
+    if not relay.ctx.session.can_send_request:
+        raise Forbidden(
+            "the agent's connection cannot answer requests (stateless sessions)"
+        )
     if not relay.accepts(kind):
         raise Forbidden(f"the agent's client does not accept {METHOD_OF[kind]}")

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,26 +38,39 @@ permit (principal == Server::"relay", action == Action::"sample", resource);
 """
 
 
-@pytest.fixture
-def relay_broker(
-    tmp_path: Path, live_idp: LocalIdP, port: int
+@contextmanager
+def broker_before_relay_server(
+    workdir: Path, idp: LocalIdP, port: int, extra_broker: str = ""
 ) -> Iterator[RunningBroker]:
-    policies = tmp_path / "policies"
+    policies = workdir / "policies"
     policies.mkdir()
     shutil.copy(POLICIES / "broker.cedarschema", policies)
     (policies / "relay.cedar").write_text(POLICY, encoding="utf-8")
     write_config(
-        tmp_path, port, live_idp.issuer, live_idp.jwks_url, policy_dir=policies
+        workdir,
+        port,
+        idp.issuer,
+        idp.jwks_url,
+        policy_dir=policies,
+        extra_broker=extra_broker,
     )
     transport = {"type": "stdio", "command": "{python}", "args": [str(RELAY_SERVER)]}
-    install_manifest(tmp_path, {"server": "relay", "transport": transport})
+    install_manifest(workdir, {"server": "relay", "transport": transport})
     subprocess.run(
         [sys.executable, "-m", "broker.cli", "-c", "broker.toml", *PULL],
-        cwd=tmp_path,
+        cwd=workdir,
         check=True,
         capture_output=True,
     )
-    with running_broker(tmp_path, port) as running:
+    with running_broker(workdir, port) as running:
+        yield running
+
+
+@pytest.fixture
+def relay_broker(
+    tmp_path: Path, live_idp: LocalIdP, port: int
+) -> Iterator[RunningBroker]:
+    with broker_before_relay_server(tmp_path, live_idp, port) as running:
         yield running
 
 
@@ -213,3 +227,26 @@ async def test_progress_is_relayed_against_the_agents_own_token(
         )
     assert text_of(result) == "3 steps"
     assert steps == [(1, 3, "step 1"), (2, 3, "step 2"), (3, 3, "step 3")]
+
+
+async def test_stateless_sessions_cannot_be_asked_for_sampling(
+    tmp_path: Path, live_idp: LocalIdP, port: int
+) -> None:
+    """Without a session the agent's answer has nowhere to land: refused, recorded."""
+    asked: list[str] = []
+
+    async def sample(context: Any, params: types.CreateMessageRequestParams) -> Any:
+        asked.append("asked")
+        raise AssertionError("a stateless agent cannot be asked")
+
+    stateless = 'sessions = "stateless"'
+    with broker_before_relay_server(tmp_path, live_idp, port, stateless) as broker:
+        async with agent(
+            broker.url, live_idp.token(), sampling_callback=sample
+        ) as client:
+            with pytest.raises(MCPError):
+                await client.call_tool("relay.ask_model", {"prompt": "x"})
+        sampled = [e for e in broker.audit() if e.method == "sampling/createMessage"]
+    assert asked == []
+    assert [(e.outcome, e.category) for e in sampled] == [("deny", "forbidden")]
+    assert "stateless sessions" in sampled[0].detail
