@@ -16,13 +16,13 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from redis import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError, RedisError
 
 from broker.approvals.store_redis import RedisApprovalStore
 from tests.harness import free_port
@@ -70,13 +70,18 @@ class RedisServer:
 
     With ``directory`` it keeps an append-only file there, so what it held
     survives a kill and a start on the same port; without, it keeps nothing.
+    ``options`` go on its command line (``--requirepass``, say). The test may
+    pause it with SIGSTOP through ``process``.
     """
 
-    def __init__(self, directory: Path | None = None) -> None:
+    def __init__(
+        self, directory: Path | None = None, options: Sequence[str] = ()
+    ) -> None:
         if shutil.which("redis-server") is None:
             pytest.fail("redis-server is not installed (.ci/run needs it too)")
         self.port = free_port()
         self.directory = directory
+        self.options = tuple(options)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -99,6 +104,7 @@ class RedisServer:
                 "--daemonize",
                 "no",
                 *persistence,
+                *self.options,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -112,8 +118,10 @@ class RedisServer:
             self.process.wait(timeout=10)
         self.process = None
 
-    def client(self) -> Redis:
-        return Redis.from_url(self.url, socket_timeout=2, decode_responses=True)
+    def client(self, password: str | None = None) -> Redis:
+        return Redis.from_url(
+            self.url, password=password, socket_timeout=2, decode_responses=True
+        )
 
     def _wait_answering(self) -> None:
         deadline = time.monotonic() + START_SECONDS
@@ -122,16 +130,22 @@ class RedisServer:
                 try:
                     if client.ping():
                         return
-                except RedisError:
+                except AuthenticationError:
+                    return  # it answers; it wants a password first
+                except RedisError as exc:
+                    if "NOAUTH" in str(exc):
+                        return
                     time.sleep(0.05)
         self.kill()
         raise RuntimeError(f"redis-server on port {self.port} did not answer")
 
 
 @contextmanager
-def redis_server(directory: Path | None = None) -> Iterator[RedisServer]:
+def redis_server(
+    directory: Path | None = None, options: Sequence[str] = ()
+) -> Iterator[RedisServer]:
     """A started ``RedisServer``, killed when the block ends."""
-    server = RedisServer(directory)
+    server = RedisServer(directory, options)
     server.start()
     try:
         yield server

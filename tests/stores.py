@@ -9,15 +9,10 @@ Redis could: editing, deleting or exchanging entries, moving the head.
 from __future__ import annotations
 
 import json
-import signal
-import socket
 import sqlite3
-import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,7 +22,6 @@ from redis.exceptions import RedisError
 
 from broker.audit import AuditEntry, SqliteStore, Store
 from broker.audit_redis import AuditKeys, RedisStore, field
-from tests.harness import free_port
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 REDIS_TIMEOUT = 0.5
@@ -243,51 +237,3 @@ def opened_backing(kind: str, tmp_path: Path) -> Iterator[Backing]:
         return
     with redis_backing() as backing:
         yield backing
-
-
-@dataclass
-class PrivateRedis:
-    """A redis-server of the test's own, which it may pause, stop or lock."""
-
-    port: int
-    process: subprocess.Popen[bytes]
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def client(self, password: str | None = None) -> Redis:
-        return Redis.from_url(
-            self.url, password=password, socket_timeout=2, decode_responses=True
-        )
-
-
-@contextmanager
-def private_redis(*options: str) -> Iterator[PrivateRedis]:
-    """Start ``redis-server`` on a free port, keeping nothing on disk."""
-    port = free_port()
-    listen = ["--port", str(port), "--bind", "127.0.0.1"]
-    ephemeral = ["--save", "", "--appendonly", "no"]
-    process = subprocess.Popen(
-        ["redis-server", *listen, *ephemeral, *options],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    server = PrivateRedis(port, process)
-    try:
-        _wait_for(server)
-        yield server
-    finally:
-        process.send_signal(signal.SIGCONT)  # in case the test left it paused
-        process.terminate()
-        process.wait(timeout=10)
-
-
-def _wait_for(server: PrivateRedis) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", server.port)) == 0:
-                return
-        time.sleep(0.02)
-    raise RuntimeError(f"redis-server did not start on port {server.port}")

@@ -24,7 +24,8 @@ from broker.audit_redis import RedisStore
 from broker.config import StoreConfig, config_from_dict
 from broker.errors import ConfigError, RecordFailed
 from broker.stores import open_store
-from tests.stores import RedisBacking, private_redis, redis_backing
+from tests.redis_support import redis_server
+from tests.stores import RedisBacking, redis_backing
 
 pytestmark = pytest.mark.redis
 
@@ -107,7 +108,7 @@ def test_a_redis_that_never_answers_fails_within_the_timeout() -> None:
 
 def test_recording_resumes_once_a_stalled_redis_answers_again() -> None:
     """While Redis is stopped records fail in time; once it runs, the chain goes on."""
-    with private_redis() as server:
+    with redis_server() as server:
         store = RedisStore.connect(server.url, timeout=TIMEOUT)
         store.record(_entry("before", 1.0))
         server.process.send_signal(signal.SIGSTOP)
@@ -150,7 +151,7 @@ def test_a_record_that_went_back_is_logged(
 
 def test_every_key_is_under_the_prefix() -> None:
     """Recording, pruning and verifying touch no key outside the configured prefix."""
-    with private_redis() as server:
+    with redis_server() as server:
         store = RedisStore.connect(server.url, timeout=TIMEOUT, prefix="tenant-a:")
         store.record(_entry("d1", 1.0, "allow"))
         store.record(_entry("d2", 2.0, "deny"))
@@ -214,7 +215,7 @@ def test_the_password_comes_from_the_variable_named(
 ) -> None:
     """A Redis that requires a password accepts the one in the named variable."""
     monkeypatch.setenv("TEST_AUDIT_REDIS_PASSWORD", "not-in-the-toml")
-    with private_redis("--requirepass", "not-in-the-toml") as server:
+    with redis_server(options=("--requirepass", "not-in-the-toml")) as server:
         config = StoreConfig(
             type="redis",
             redis_url=server.url,
