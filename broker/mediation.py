@@ -627,7 +627,11 @@ class Mediator:
             except DownstreamFailed as exc:
                 log.warning("re-listing %s failed: %s", downstream.name, exc.detail)
         elif isinstance(message, types.ResourceUpdatedNotification):
-            await self.subscriptions.announce(str(message.params.uri))
+            for uri in await self.subscriptions.announce(str(message.params.uri)):
+                try:
+                    await downstream.request("resources/unsubscribe", _unsubscribe(uri))
+                except DownstreamFailed as exc:
+                    log.info("unsubscribing %s failed: %s", uri, exc.detail)
 
     # ---- pins -------------------------------------------------------------------
 
@@ -720,6 +724,13 @@ def _list_resources(client: Client) -> Awaitable[types.ListResourcesResult]:
 
 def _list_prompts(client: Client) -> Awaitable[types.ListPromptsResult]:
     return client.list_prompts()
+
+
+def _unsubscribe(uri: str) -> Callable[[Client], Awaitable[types.EmptyResult]]:
+    def call(client: Client) -> Awaitable[types.EmptyResult]:
+        return client.unsubscribe_resource(uri)
+
+    return call
 
 
 def _list_templates(client: Client) -> Awaitable[types.ListResourceTemplatesResult]:

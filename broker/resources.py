@@ -75,13 +75,22 @@ class Subscriptions:
         del self._followers[uri]
         return True
 
-    async def announce(self, uri: str) -> None:
-        """Tell every follower of ``uri`` that it changed."""
+    async def announce(self, uri: str) -> list[str]:
+        """Tell every follower of ``uri`` that it changed.
+
+        A follower that cannot be reached (its session ended) is dropped.
+        Returns the URIs nobody follows any more, for the caller to
+        unsubscribe downstream.
+        """
+        emptied: list[str] = []
         for agent, session in list(self._followers.get(uri, {}).items()):
             try:
                 await session.send_resource_updated(uri)
             except Exception as exc:
                 log.info("update of %s did not reach session %s: %s", uri, agent, exc)
+                if self.remove(uri, agent):
+                    emptied.append(uri)
+        return emptied
 
     def __len__(self) -> int:
         return sum(len(f) for f in self._followers.values())
