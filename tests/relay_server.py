@@ -2,17 +2,27 @@
 
 Each tool uses one thing a server may send towards the client in the middle
 of a request: a sampling request, an elicitation request, log messages at
-several levels, or progress notifications. Run over stdio.
+several levels, progress notifications, or an update of a resource that
+clients may subscribe to. Run over stdio.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.types import SamplingMessage, TextContent
+from mcp.types import (
+    EmptyResult,
+    SamplingMessage,
+    SubscribeRequestParams,
+    TextContent,
+    UnsubscribeRequestParams,
+)
 from pydantic import BaseModel
 
 server = MCPServer("relay", version="1.0")
+_count = [0]
 
 
 class Answer(BaseModel):
@@ -52,12 +62,37 @@ async def chatty(ctx: Context) -> str:
     return "logged"
 
 
+@server.resource("relay://counter", description="A number that bump changes.")
+def counter() -> str:
+    return str(_count[0])
+
+
+@server.tool(description="Change the counter and say so to subscribers.")
+async def bump(ctx: Context) -> str:
+    _count[0] += 1
+    await ctx.session.send_resource_updated("relay://counter")
+    return str(_count[0])
+
+
 @server.tool(description="Report progress in a few steps.")
 async def steps(count: int, ctx: Context) -> str:
     for step in range(1, count + 1):
         await ctx.report_progress(step, count, f"step {step}")
         await anyio.sleep(0.01)
     return f"{count} steps"
+
+
+async def _follow(ctx: Any, params: Any) -> EmptyResult:
+    return EmptyResult()
+
+
+# MCPServer has no decorator for subscriptions; its low-level server takes
+# the handlers directly. Updates are sent by ``bump`` whoever follows.
+for _method, _params in (
+    ("resources/subscribe", SubscribeRequestParams),
+    ("resources/unsubscribe", UnsubscribeRequestParams),
+):
+    server._lowlevel_server.add_request_handler(_method, _params, _follow)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ RELAY_SERVER = Path(__file__).resolve().parent / "relay_server.py"
 POLICY = """
 permit (principal, action in Action::"call_tool", resource);
 permit (principal == Server::"relay", action == Action::"sample", resource);
+permit (principal, action == Action::"read_resource", resource);
 """
 
 
@@ -250,3 +251,33 @@ async def test_stateless_sessions_cannot_be_asked_for_sampling(
     assert asked == []
     assert [(e.outcome, e.category) for e in sampled] == [("deny", "forbidden")]
     assert "stateless sessions" in sampled[0].detail
+
+
+@pytest.mark.filterwarnings("ignore::mcp.shared.exceptions.MCPDeprecationWarning")
+async def test_a_resource_update_reaches_the_agent_that_subscribed(
+    relay_broker: RunningBroker, live_idp: LocalIdP
+) -> None:
+    updated = anyio.Event()
+    seen: list[str] = []
+
+    async def on_message(message: Any) -> None:
+        if isinstance(message, types.ResourceUpdatedNotification):
+            seen.append(str(message.params.uri))
+            updated.set()
+
+    async with agent(
+        relay_broker.url, live_idp.token(), message_handler=on_message
+    ) as client:
+        await client.subscribe_resource("relay://counter")
+        await client.call_tool("relay.bump", {})
+        with anyio.fail_after(10):
+            await updated.wait()
+        await client.unsubscribe_resource("relay://counter")
+    assert seen == ["relay://counter"]
+    followed = [
+        (e.method, e.outcome)
+        for e in relay_broker.audit()
+        if e.method.startswith("resources/")
+    ]
+    assert ("resources/subscribe", "allow") in followed
+    assert ("resources/unsubscribe", "allow") in followed
