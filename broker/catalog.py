@@ -92,13 +92,6 @@ class Catalog:
                 return unpinned
         raise NotFound(f"no server for tool {name!r}")
 
-    def server_of(self, name: str) -> str | None:
-        """The server behind an agent's tool name, if any (for the record)."""
-        try:
-            return self.qualified(name).partition(SEPARATOR)[0]
-        except NotFound:
-            return None
-
     def resolve(self, name: str) -> LiveTool:
         """The usable tool behind an agent's tool name, or the reason there is none."""
         qualified_name = self.qualified(name)

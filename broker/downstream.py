@@ -241,10 +241,13 @@ class Downstream:
         try:
             with anyio.fail_after(self.call_timeout):
                 return await call(client)
+        except Denied:
+            raise
         except Exception as exc:
             failure = self._failure(what, exc)
             if control is not None and not _answered(exc):
-                self._spoil(control, failure.detail, timed_out=_timed_out(exc))
+                timed_out = isinstance(exc, TimeoutError)
+                self._spoil(control, failure.detail, timed_out=timed_out)
             raise failure from exc
 
     async def forward(
@@ -267,18 +270,20 @@ class Downstream:
                         return await call(session.client)
                     finally:
                         session.relay = None
+        except Denied:
+            raise
         except Exception as exc:
             failure = self._failure(what, exc)
             if session is not None and not _answered(exc):
-                self._spoil(session, failure.detail, timed_out=_timed_out(exc))
+                timed_out = isinstance(exc, TimeoutError)
+                self._spoil(session, failure.detail, timed_out=timed_out)
             raise failure from exc
         finally:
             if session is not None:
                 self._give_back(session)
 
     def _failure(self, what: str, exc: Exception) -> DownstreamFailed:
-        if isinstance(exc, Denied):
-            raise exc
+        """The denial a failed request becomes, with what the server said."""
         if isinstance(exc, MCPError) and _answered(exc):
             return DownstreamRefused(
                 f"server {self.name} answered {what} with error {exc.code}: "
@@ -507,10 +512,6 @@ async def _ping(client: Client) -> None:
 def _answered(exc: Exception) -> bool:
     """Did the server itself answer with this error (so its session is sound)?"""
     return isinstance(exc, MCPError) and exc.error.code != types.CONNECTION_CLOSED
-
-
-def _timed_out(exc: Exception) -> bool:
-    return isinstance(exc, TimeoutError)
 
 
 async def _all_tools(client: Client) -> list[types.Tool]:

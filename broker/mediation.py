@@ -181,15 +181,17 @@ class Mediator:
         principal = require_principal(ctx)
         arguments = dict(params.arguments or {})
         findings = inspect(arguments)
-        server = self.catalog.server_of(params.name)
         try:
             named = self.catalog.qualified(params.name)
+            server: str | None = named.partition(SEPARATOR)[0]
         except NotFound:
-            named = params.name
+            named, server = params.name, None  # recorded as asked; decide() denies
         entry = self.new_entry(principal, "tools/call", server, named, findings)
+        resolved: list[str] = []  # the server's own name for the tool, once decided
 
         async def decide() -> tuple[Decision, Downstream]:
             live = self.catalog.resolve(params.name)
+            resolved.append(live.spec.name)
             await self.limiter.check(principal, live.spec.qualified_name, self.clock())
 
             def decide_as(approval: Approval) -> Decision:
@@ -223,9 +225,8 @@ class Mediator:
         def forward(
             client: Client, relay: AgentRelay
         ) -> Awaitable[types.CallToolResult]:
-            tool = self.catalog.resolve(params.name).spec.name
             progress = relay.progress if relay.wants_progress else None
-            return client.call_tool(tool, arguments, progress_callback=progress)
+            return client.call_tool(resolved[0], arguments, progress_callback=progress)
 
         try:
             return await self.mediate(ctx, principal, entry, decide, forward)
@@ -278,21 +279,17 @@ class Mediator:
     ) -> types.ReadResourceResult:
         principal = require_principal(ctx)
         uri = str(params.uri)
-        server = await self.resource_server(uri)
-        entry = self.new_entry(principal, "resources/read", server, uri)
+        entry = self.new_entry(principal, "resources/read", None, uri)
 
         async def decide() -> tuple[Decision, Downstream]:
-            return self.decide_resource(principal, server, uri)
+            return self.decide_resource(principal, await self.resource_server(uri), uri)
 
         def forward(
             client: Client, relay: AgentRelay
         ) -> Awaitable[types.ReadResourceResult]:
             return client.read_resource(uri)
 
-        try:
-            return await self.mediate(ctx, principal, entry, decide, forward)
-        except Denied as denied:
-            raise denial_error(denied) from None
+        return await self.answer(ctx, principal, entry, decide, forward)
 
     async def subscribe_resource(
         self, ctx: ServerRequestContext[Any, Any], params: types.SubscribeRequestParams
@@ -316,13 +313,12 @@ class Mediator:
         unsubscribe when the last one leaves.
         """
         principal = require_principal(ctx)
-        server = await self.resource_server(uri)
         method = "resources/subscribe" if subscribe else "resources/unsubscribe"
-        entry = self.new_entry(principal, method, server, uri)
+        entry = self.new_entry(principal, method, None, uri)
         agent = session_id(ctx) or entry.decision_id
 
         async def decide() -> tuple[Decision, Downstream]:
-            return self.decide_resource(principal, server, uri)
+            return self.decide_resource(principal, await self.resource_server(uri), uri)
 
         async def forward(client: Client, relay: AgentRelay) -> types.EmptyResult:
             if not subscribe:
@@ -337,10 +333,7 @@ class Mediator:
                 self.subscriptions.remove(uri, agent)
                 raise
 
-        try:
-            return await self.mediate(ctx, principal, entry, decide, forward)
-        except Denied as denied:
-            raise denial_error(denied) from None
+        return await self.answer(ctx, principal, entry, decide, forward)
 
     def decide_resource(
         self, principal: Principal, server: str | None, uri: str
@@ -358,6 +351,14 @@ class Mediator:
         if owner is None and self.may_relearn("resources"):
             await self.learn_resources()
             owner = self.resource_owner.get(uri) or self.templates.owner(uri)
+        return owner
+
+    async def template_server(self, template: str) -> str | None:
+        """The server that listed ``template``, listing again once if unknown."""
+        owner = self.templates.owner_of_template(template)
+        if owner is None and self.may_relearn("resources"):
+            await self.learn_resources()
+            owner = self.templates.owner_of_template(template)
         return owner
 
     def may_relearn(self, what: str) -> bool:
@@ -408,23 +409,22 @@ class Mediator:
         self, ctx: ServerRequestContext[Any, Any], params: types.GetPromptRequestParams
     ) -> types.GetPromptResult:
         principal = require_principal(ctx)
-        server, prompt = await self.prompt_target(params.name)
         arguments = dict(params.arguments or {})
         findings = inspect(arguments)
-        entry = self.new_entry(principal, "prompts/get", server, params.name, findings)
+        entry = self.new_entry(principal, "prompts/get", None, params.name, findings)
+        resolved: list[str] = []  # the server's own name for the prompt
 
         async def decide() -> tuple[Decision, Downstream]:
+            server, prompt = await self.prompt_target(params.name)
+            resolved.append(prompt)
             return self.decide_prompt(principal, server, prompt, findings.classes)
 
         def forward(
             client: Client, relay: AgentRelay
         ) -> Awaitable[types.GetPromptResult]:
-            return client.get_prompt(prompt, arguments)
+            return client.get_prompt(resolved[0], arguments)
 
-        try:
-            return await self.mediate(ctx, principal, entry, decide, forward)
-        except Denied as denied:
-            raise denial_error(denied) from None
+        return await self.answer(ctx, principal, entry, decide, forward)
 
     def decide_prompt(
         self,
@@ -467,24 +467,18 @@ class Mediator:
         """Completing an argument is decided as using what it belongs to."""
         principal = require_principal(ctx)
         ref = params.ref
-        if isinstance(ref, types.PromptReference):
-            server, prompt = await self.prompt_target(ref.name)
-            target: str = ref.name
-            downstream_ref: types.PromptReference | types.ResourceTemplateReference
-            downstream_ref = ref.model_copy(update={"name": prompt})
-        else:
-            target = ref.uri
-            server = self.templates.owner_of_template(ref.uri)
-            if server is None:
-                await self.learn_resources()
-                server = self.templates.owner_of_template(ref.uri)
-            downstream_ref = ref
-        entry = self.new_entry(principal, "completion/complete", server, target)
+        target = ref.name if isinstance(ref, types.PromptReference) else ref.uri
+        entry = self.new_entry(principal, "completion/complete", None, target)
+        resolved: list[types.PromptReference | types.ResourceTemplateReference] = []
 
         async def decide() -> tuple[Decision, Downstream]:
             if isinstance(ref, types.PromptReference):
+                server, prompt = await self.prompt_target(ref.name)
+                resolved.append(ref.model_copy(update={"name": prompt}))
                 return self.decide_prompt(principal, server, prompt)
-            return self.decide_resource(principal, server, target)
+            resolved.append(ref)
+            owner = await self.template_server(ref.uri)
+            return self.decide_resource(principal, owner, ref.uri)
 
         def forward(
             client: Client, relay: AgentRelay
@@ -492,12 +486,9 @@ class Mediator:
             # The SDK's client builds its CompletionArgument from this dict.
             argument = params.argument.model_dump()
             context = params.context.arguments if params.context else None
-            return client.complete(downstream_ref, argument, context)
+            return client.complete(resolved[0], argument, context)
 
-        try:
-            return await self.mediate(ctx, principal, entry, decide, forward)
-        except Denied as denied:
-            raise denial_error(denied) from None
+        return await self.answer(ctx, principal, entry, decide, forward)
 
     async def set_logging_level(
         self, ctx: ServerRequestContext[Any, Any], params: types.SetLevelRequestParams
@@ -513,6 +504,20 @@ class Mediator:
         return types.EmptyResult()
 
     # ---- the one path from a decision to a downstream server ------------------
+
+    async def answer(
+        self,
+        ctx: ServerRequestContext[Any, Any],
+        principal: Principal,
+        entry: AuditEntry,
+        decide: Callable[[], Awaitable[tuple[Decision, Downstream]]],
+        forward: Callable[[Client, AgentRelay], Awaitable[T]],
+    ) -> T:
+        """``mediate``, a denial told to the agent as a JSON-RPC error."""
+        try:
+            return await self.mediate(ctx, principal, entry, decide, forward)
+        except Denied as denied:
+            raise denial_error(denied) from None
 
     async def mediate(
         self,
@@ -532,7 +537,12 @@ class Mediator:
         what = entry.method
         try:
             decision, downstream = await decide()
-            entry = replace(entry, reasons=decision.reasons, errors=decision.errors)
+            entry = replace(
+                entry,
+                server=downstream.name,
+                reasons=decision.reasons,
+                errors=decision.errors,
+            )
             if decision.allowed:
                 self.store.record(replace(entry, outcome="allow", category="allowed"))
             elif downstream.name in self.shadow:
@@ -601,6 +611,14 @@ class Mediator:
             denied.decision_id = entry.decision_id
             self.record_denial(entry, denied)
             raise
+        except Exception as exc:
+            log.exception("unexpected failure while deciding %s", METHOD_OF[kind])
+            failed = Forbidden(
+                f"broker failure: {type(exc).__name__}: {exc}",
+                decision_id=entry.decision_id,
+            )
+            self.record_denial(entry, failed)
+            raise failed from exc
         self.store.record(replace(entry, outcome="allow", category="allowed"))
 
     async def server_request(self, server: str, kind: str, params: Any) -> Any:
