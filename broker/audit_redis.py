@@ -36,12 +36,10 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from redis import Redis
-from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
-from broker import chain
+from broker import chain, redis_clients
 from broker.audit import AuditEntry
 from broker.chain import Checkpoint, Head, Link, Verification
 from broker.errors import RecordFailed
@@ -242,14 +240,7 @@ class RedisStore:
 
         ValueError if the URL cannot be parsed.
         """
-        client = Redis.from_url(
-            url,
-            password=password,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-            decode_responses=True,
-        )
+        client = redis_clients.blocking(url, password=password, timeout=timeout)
         return cls(client, prefix=prefix, timeout=timeout)
 
     def record(self, entry: AuditEntry) -> None:

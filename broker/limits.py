@@ -32,10 +32,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from broker import redis_clients
 from broker.errors import ConfigError, LimitUnavailable, RateLimited
 from broker.principal import Principal
 
@@ -206,13 +205,8 @@ class RedisLimiter:
         prefix: str = KEY_PREFIX,
     ) -> RedisLimiter:
         """A limiter on the Redis at ``url``; connections open on first use."""
-        client = Redis.from_url(
-            url,
-            password=password,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            # A retry would only stretch the wait before the same denial.
-            retry=Retry(NoBackoff(), 0),
+        client = redis_clients.asynchronous(
+            url, password=password, timeout=timeout, decode=False
         )
         return cls(limits, client, timeout=timeout, prefix=prefix)
 

@@ -21,18 +21,16 @@ import contextlib
 import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, cast
+from typing import cast
 
 import anyio
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.client import PubSub
-from redis.asyncio.retry import Retry as AsyncRetry
-from redis.backoff import NoBackoff
 from redis.commands.core import Script
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
+from broker import redis_clients
 from broker.approvals import redis_keys
 from broker.approvals.model import Binding, PendingAction, Status, action_from_fields
 from broker.approvals.redis_keys import ApprovalKeys, binding_key
@@ -89,18 +87,10 @@ class RedisApprovalStore:
 
         ValueError if the URL cannot be parsed.
         """
-        settings: dict[str, Any] = {
-            "password": password,
-            "socket_timeout": timeout,
-            "socket_connect_timeout": timeout,
-            "decode_responses": True,
-        }
-        client = Redis.from_url(url, retry=Retry(NoBackoff(), 0), **settings)
+        client = redis_clients.blocking(url, password=password, timeout=timeout)
 
         def listener() -> AsyncRedis:
-            return AsyncRedis.from_url(
-                url, retry=AsyncRetry(NoBackoff(), 0), **settings
-            )
+            return redis_clients.asynchronous(url, password=password, timeout=timeout)
 
         return cls(client, listener, timeout=timeout, prefix=prefix)
 
