@@ -148,19 +148,25 @@ async def test_record_is_written_with_redacted_arguments(
     assert "email" in entry.data_classes
 
 
-def rpc(broker: RunningBroker, token: str, method: str, params: Any) -> Any:
-    """One raw JSON-RPC request in a new session, as a client outside the SDK would."""
-    headers = {
+HELLO = {
+    "protocolVersion": "2025-11-25",
+    "capabilities": {},
+    "clientInfo": {"name": "raw", "version": "0"},
+}
+
+
+def raw_headers(token: str) -> dict[str, str]:
+    return {
         "Authorization": f"Bearer {token}",
         "Accept": "application/json, text/event-stream",
         "MCP-Protocol-Version": "2025-11-25",
     }
-    hello = {
-        "protocolVersion": "2025-11-25",
-        "capabilities": {},
-        "clientInfo": {"name": "raw", "version": "0"},
-    }
-    opened = _post(broker, headers, "initialize", hello, request_id=1)
+
+
+def rpc(broker: RunningBroker, token: str, method: str, params: Any) -> Any:
+    """One raw JSON-RPC request in a new session, as a client outside the SDK would."""
+    headers = raw_headers(token)
+    opened = _post(broker, headers, "initialize", HELLO, request_id=1)
     headers["Mcp-Session-Id"] = opened.headers["mcp-session-id"]
     _post(broker, headers, "notifications/initialized", None)
     return _answer(_post(broker, headers, method, params, request_id=7))
@@ -279,23 +285,10 @@ def test_a_session_answers_only_the_identity_that_opened_it(
     broker: RunningBroker, live_idp: LocalIdP
 ) -> None:
     """Another user holding someone's session id is told it does not exist."""
-    alice = {
-        "Authorization": f"Bearer {live_idp.token()}",
-        "Accept": "application/json, text/event-stream",
-        "MCP-Protocol-Version": "2025-11-25",
-    }
-    hello = {
-        "protocolVersion": "2025-11-25",
-        "capabilities": {},
-        "clientInfo": {"name": "raw", "version": "0"},
-    }
-    opened = _post(broker, alice, "initialize", hello, request_id=1)
-    session = opened.headers["mcp-session-id"]
-    mallory_claims = {**live_idp.claims(), "sub": "mallory"}
+    opened = _post(broker, raw_headers(live_idp.token()), "initialize", HELLO, 1)
     mallory = {
-        **alice,
-        "Authorization": f"Bearer {live_idp.token(mallory_claims)}",
-        "Mcp-Session-Id": session,
+        **raw_headers(live_idp.token(live_idp.claims(sub="mallory"))),
+        "Mcp-Session-Id": opened.headers["mcp-session-id"],
     }
     call = {"name": "demo.echo", "arguments": {"text": "hijack"}}
     hijack = _post(broker, mallory, "tools/call", call, request_id=2)
@@ -303,7 +296,7 @@ def test_a_session_answers_only_the_identity_that_opened_it(
     assert not [e for e in broker.downstream_saw() if e.get("tool") == "echo"]
 
 
-async def test_stateless_sessions_refuse_what_needs_a_reply(
+async def test_stateless_sessions_serve_calls_and_keep_no_session(
     tmp_path: Path, live_idp: LocalIdP, port: int
 ) -> None:
     """With sessions = "stateless" calls work and nothing is kept per agent."""
@@ -318,20 +311,7 @@ async def test_stateless_sessions_refuse_what_needs_a_reply(
     with running_broker(tmp_path, port) as stateless:
         async with agent(stateless.url, live_idp.token()) as client:
             result = await client.call_tool("demo.add", {"a": 2, "b": 3})
-        opened = _post(
-            stateless,
-            {
-                "Authorization": f"Bearer {live_idp.token()}",
-                "Accept": "application/json, text/event-stream",
-            },
-            "initialize",
-            {
-                "protocolVersion": "2025-11-25",
-                "capabilities": {},
-                "clientInfo": {"name": "raw", "version": "0"},
-            },
-            request_id=1,
-        )
+        opened = _post(stateless, raw_headers(live_idp.token()), "initialize", HELLO, 1)
     assert result.is_error is False
     assert "mcp-session-id" not in opened.headers
 
