@@ -499,8 +499,9 @@ class Mediator:
         change what the server sends the others; the broker filters instead.
         """
         principal = require_principal(ctx)
-        self.levels.set(session_id(ctx), params.level)
+        # On record first: a level that cannot be recorded is not set.
         self.record_list(principal, "logging/setLevel", f"level {params.level}")
+        self.levels.set(session_id(ctx), params.level)
         return types.EmptyResult()
 
     # ---- the one path from a decision to a downstream server ------------------
