@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import tomli_w
 from harness import (
     HOST,
     BenchmarkError,
@@ -53,6 +52,7 @@ from harness import (
     stop,
     summarize,
     wait_until,
+    write_dev_config,
 )
 from mcp import Client
 
@@ -113,22 +113,7 @@ class Scenario:
 
 
 def write_broker_files(workdir: Path, port: int, demo_url: str) -> None:
-    origin = f"http://{HOST}:{port}"
-    config = {
-        "broker": {
-            "resource": f"{origin}/mcp",
-            "host": HOST,
-            "port": port,
-            "allowed_hosts": [f"{HOST}:{port}"],
-            "allowed_origins": [origin],
-            "policy_dir": str(POLICIES),
-            "manifest_dir": "manifests",
-            "development": True,
-            "dev_key_path": "dev/signing-key.pem",
-        },
-        "store": {"type": "sqlite", "path": "state.db"},
-    }
-    (workdir / "broker.toml").write_text(tomli_w.dumps(config), encoding="utf-8")
+    write_dev_config(workdir, port, str(POLICIES))
     (workdir / "manifests").mkdir()
     manifest = http_manifest(demo_url)
     (workdir / "manifests" / "demo.json").write_text(

@@ -21,6 +21,7 @@ from pathlib import Path
 from types import TracebackType
 
 import httpx2
+import tomli_w
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
@@ -110,6 +111,28 @@ def answers_200(url: str) -> Callable[[], bool]:
 
 
 # ---- /proc -------------------------------------------------------------------
+
+
+def write_dev_config(
+    workdir: Path, port: int, policy_dir: str, state_file: str = "state.db"
+) -> None:
+    """A development broker's ``broker.toml``, manifests in ``manifests``."""
+    origin = f"http://{HOST}:{port}"
+    config = {
+        "broker": {
+            "resource": f"{origin}/mcp",
+            "host": HOST,
+            "port": port,
+            "allowed_hosts": [f"{HOST}:{port}"],
+            "allowed_origins": [origin],
+            "policy_dir": policy_dir,
+            "manifest_dir": "manifests",
+            "development": True,
+            "dev_key_path": "dev/signing-key.pem",
+        },
+        "store": {"type": "sqlite", "path": state_file},
+    }
+    (workdir / "broker.toml").write_text(tomli_w.dumps(config), encoding="utf-8")
 
 
 def cpu_seconds(pid: int) -> float:

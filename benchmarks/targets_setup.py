@@ -28,8 +28,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import tomli_w
-from harness import HOST, BenchmarkError
+from harness import BenchmarkError, write_dev_config
 from many_tools_server import SERVER_NAME, tool_definitions, tool_name
 
 from broker.approvals.model import Binding, PendingAction, digest_of, new_action_id
@@ -75,29 +74,10 @@ def write_files(
     workdir: Path, size: int, server_url: str, broker_port: int, pending: int
 ) -> None:
     """Everything the broker reads at start, for ``size`` tools and policies."""
-    write_config(workdir, broker_port)
+    write_dev_config(workdir, broker_port, "policies", STATE_FILE)
     write_manifest(workdir / "manifests", size, server_url)
     write_policies(workdir / "policies", size)
     preload_pending(workdir / STATE_FILE, size, pending, now=time.time())
-
-
-def write_config(workdir: Path, port: int) -> None:
-    origin = f"http://{HOST}:{port}"
-    config = {
-        "broker": {
-            "resource": f"{origin}/mcp",
-            "host": HOST,
-            "port": port,
-            "allowed_hosts": [f"{HOST}:{port}"],
-            "allowed_origins": [origin],
-            "policy_dir": "policies",
-            "manifest_dir": "manifests",
-            "development": True,
-            "dev_key_path": "dev/signing-key.pem",
-        },
-        "store": {"type": "sqlite", "path": STATE_FILE},
-    }
-    (workdir / "broker.toml").write_text(tomli_w.dumps(config), encoding="utf-8")
 
 
 def write_manifest(directory: Path, size: int, server_url: str) -> None:
