@@ -100,6 +100,10 @@ class BrokerConfig:
     # "stateless": any replica takes any request, and sampling and
     # elicitation are refused.
     sessions: str = "stateful"
+    # Answer plain tools/call requests without the SDK's server machinery,
+    # and forward them to HTTP servers on the broker's own connections (see
+    # broker.lean); false sends every request through the SDK both ways.
+    lean_path: bool = True
     auth: AuthConfig = field(default_factory=AuthConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     approvals: ApprovalsConfig = field(default_factory=ApprovalsConfig)
@@ -184,6 +188,8 @@ def config_from_dict(raw: dict[str, Any], base: Path = Path()) -> BrokerConfig:
 
     if broker.get("sessions", "stateful") not in SESSION_MODES:
         raise ConfigError(f"[broker] sessions must be one of {SESSION_MODES}")
+    if not isinstance(broker.get("lean_path", True), bool):
+        raise ConfigError("[broker] lean_path must be true or false")
 
     default_host = parts.netloc
     fields: dict[str, Any] = dict(broker)

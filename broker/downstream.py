@@ -36,6 +36,7 @@ from mcp.shared.exceptions import MCPError
 from broker.credentials import BrokerAuth, CredentialSource
 from broker.errors import Denied, DownstreamFailed, DownstreamRefused
 from broker.manifest import Manifest
+from broker.wire import SessionGone, WireSession
 
 log = logging.getLogger("broker.downstream")
 T = TypeVar("T")
@@ -46,6 +47,9 @@ MAX_BACKOFF_SECONDS = 30.0
 # while idle is replaced before a call finds out (and /readyz says so).
 HEALTH_CHECK_SECONDS = 2.0
 PYTHON_PLACEHOLDER = "{python}"
+# After a wire session failed to open, calls go through the SDK's sessions
+# for this long before another is tried.
+WIRE_RETRY_SECONDS = 5.0
 
 # What the broker answers when a downstream server asks the agent's side for
 # something (sampling, elicitation) while no forwarded request is in flight
@@ -126,6 +130,10 @@ class Downstream:
         self._slots = anyio.Semaphore(manifest.max_sessions)
         self._tasks: anyio.abc.TaskGroup | None = None
         self.last_error = ""
+        # The broker's own session for calls to an HTTP server (broker.wire).
+        self._wire: WireSession | None = None
+        self._wire_lock = anyio.Lock()
+        self._wire_failed_at = -math.inf
 
     @property
     def connected(self) -> bool:
@@ -207,6 +215,7 @@ class Downstream:
         # Sessions opened beside a lost one go with it: a server that died
         # or restarted has forgotten them.
         self._close_all()
+        self._drop_wire()
 
     def _close_all(self) -> None:
         for session in self._open:
@@ -218,6 +227,7 @@ class Downstream:
         self._stopping = True
         self._lost.set()
         self._close_all()
+        self._drop_wire()
 
     async def wait_connected(self) -> None:
         await self._connected.wait()
@@ -281,6 +291,89 @@ class Downstream:
         finally:
             if session is not None:
                 self._give_back(session)
+
+    async def call_tool(
+        self, name: str, arguments: dict[str, Any], relay: Relay
+    ) -> types.CallToolResult:
+        """Forward one decided ``tools/call``: on the wire session when there is one."""
+        wire = await self._wire_session()
+        if wire is None:
+            return await self.forward(
+                "tools/call", lambda client: client.call_tool(name, arguments), relay
+            )
+        try:
+            with anyio.fail_after(self.call_timeout):
+                try:
+                    return await wire.call_tool(name, arguments, relay)
+                except SessionGone:
+                    # The server forgot the session (restarted, or expired
+                    # it) before doing anything: once more on a new one.
+                    self._drop_wire(wire)
+                    wire = await self._wire_session()
+                    if wire is None:
+                        raise
+                    return await wire.call_tool(name, arguments, relay)
+        except Denied:
+            raise
+        except Exception as exc:
+            if not _answered(exc):
+                self._drop_wire(wire)
+            raise self._failure("tools/call", exc) from exc
+
+    async def _wire_session(self) -> WireSession | None:
+        """The wire session, opened and pin-checked on first use; None for stdio."""
+        wire = self._wire
+        if wire is not None and wire.sound:
+            return wire
+        transport = self.manifest.transport
+        if transport.kind != "http" or self._stopping:
+            return None
+        async with self._wire_lock:
+            if self._wire is not None and self._wire.sound:
+                return self._wire
+            if anyio.current_time() - self._wire_failed_at < WIRE_RETRY_SECONDS:
+                return None
+            await self.client()  # a server that is down fails here, after a wait
+            wire = WireSession(
+                self.name,
+                transport.url,
+                self.credentials,
+                timeout=self.call_timeout,
+                max_connections=self.manifest.max_sessions,
+                on_notice=self._wire_notice,
+            )
+            try:
+                with anyio.fail_after(self.connect_timeout):
+                    tools = await wire.open()
+                    if self._on_tools is not None:
+                        await self._on_tools(self, tools)
+            except Exception as exc:
+                self._wire_failed_at = anyio.current_time()
+                log.warning(
+                    "downstream %s: no session of the broker's own, calls go "
+                    "through the SDK: %s: %s",
+                    self.name,
+                    type(exc).__name__,
+                    exc,
+                )
+                await wire.aclose()
+                return None
+            self._wire = wire
+            return wire
+
+    async def _wire_notice(self, message: types.ServerNotification) -> None:
+        if self._on_notice is not None:
+            await self._on_notice(self, message)
+
+    def _drop_wire(self, wire: WireSession | None = None) -> None:
+        """Give up the wire session (``wire``, if it is still the current one)."""
+        current = self._wire
+        if current is None or (wire is not None and wire is not current):
+            return
+        self._wire = None
+        current.sound = False
+        if self._tasks is not None:
+            self._tasks.start_soon(current.aclose)
 
     def _failure(self, what: str, exc: Exception) -> DownstreamFailed:
         """The denial a failed request becomes, with what the server said."""

@@ -26,13 +26,14 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Literal, TypeVar
 
+import anyio
 import anyio.to_thread
 import mcp.types as types
 from mcp import Client
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.shared.exceptions import MCPError
 
-from broker.approvals.gate import Approvals, Ask
+from broker.approvals.gate import Approvals, Ask, Progress
 from broker.approvals.model import NOT_APPROVED, Approval, Binding
 from broker.audit import AuditEntry, Store, record_or_log
 from broker.catalog import Catalog, Drift
@@ -56,6 +57,8 @@ from broker.principal import Principal
 from broker.relay import (
     METHOD_OF,
     AgentRelay,
+    AgentSessions,
+    AgentSide,
     Kind,
     LogLevels,
     refuse_unaccepted,
@@ -112,6 +115,26 @@ def new_decision_id() -> str:
     return uuid.uuid4().hex
 
 
+Decide = Callable[[], Awaitable[tuple[Decision, Downstream]]]
+
+
+async def _undecided() -> tuple[Decision, Downstream]:
+    raise Forbidden("no decision was made")  # replaced before anyone calls it
+
+
+@dataclass(eq=False)
+class ToolCall:
+    """One ``tools/call`` about to be decided.
+
+    ``tool`` becomes the server's own name for the tool once ``decide`` has
+    found it; only then may the call be forwarded.
+    """
+
+    entry: AuditEntry
+    decide: Decide
+    tool: str = ""
+
+
 @dataclass
 class Mediator:
     """The broker's state and the handlers that mediate each accepted method."""
@@ -134,6 +157,10 @@ class Mediator:
     subscriptions: Subscriptions = field(default_factory=Subscriptions)
     levels: LogLevels = field(default_factory=LogLevels)
     relearned: dict[str, float] = field(default_factory=dict)
+    sessions: AgentSessions = field(default_factory=AgentSessions)
+    # Calls answered by the lean path, by agent session and request id, so
+    # that the agent's notifications/cancelled reaches them.
+    lean_calls: dict[tuple[str, str], anyio.CancelScope] = field(default_factory=dict)
 
     # ---- the gate every inbound message passes ----------------------------
 
@@ -142,6 +169,9 @@ class Mediator:
     ) -> HandlerResult:
         """Server middleware: refuse methods outside ``METHODS`` before the SDK."""
         if ctx.method in METHODS:
+            self.sessions.note(ctx)
+            if ctx.method == "notifications/cancelled":
+                self.cancel_lean_call(ctx)
             return await call_next(ctx)
         principal = principal_or_none(ctx)
         entry = self.new_entry(principal, ctx.method)
@@ -152,6 +182,17 @@ class Mediator:
         if ctx.request_id is None:
             return None  # a notification has no answer to refuse
         raise denial_error(refused)
+
+    def cancel_lean_call(self, ctx: ServerRequestContext[Any, Any]) -> None:
+        """An agent cancelling a request the lean path is answering."""
+        params = ctx.params or {}
+        request_id = params.get("requestId") if isinstance(params, Mapping) else None
+        session = session_id(ctx)
+        if session is None or request_id is None:
+            return
+        scope = self.lean_calls.get((session, str(request_id)))
+        if scope is not None:
+            scope.cancel()
 
     # ---- tools --------------------------------------------------------------
 
@@ -180,18 +221,47 @@ class Mediator:
     ) -> types.CallToolResult:
         principal = require_principal(ctx)
         arguments = dict(params.arguments or {})
+        call = self.tool_call(
+            principal, params.name, arguments, ctx.session.report_progress
+        )
+
+        def forward(
+            client: Client, relay: AgentRelay
+        ) -> Awaitable[types.CallToolResult]:
+            progress = relay.progress if relay.wants_progress else None
+            return client.call_tool(call.tool, arguments, progress_callback=progress)
+
+        try:
+            return await self.mediate(ctx, principal, call.entry, call.decide, forward)
+        except DownstreamRefused as refused:
+            raise denial_error(refused) from None
+        except Denied as denied:
+            return denied_tool_result(denied)
+
+    def tool_call(
+        self,
+        principal: Principal,
+        name: str,
+        arguments: dict[str, Any],
+        progress: Progress,
+    ) -> ToolCall:
+        """The entry and the decision of one ``tools/call``, not yet made.
+
+        ``progress`` tells the agent how long an approval has been waited
+        for; it is called only while a call waits for one.
+        """
         findings = inspect(arguments)
         try:
-            named = self.catalog.qualified(params.name)
+            named = self.catalog.qualified(name)
             server: str | None = named.partition(SEPARATOR)[0]
         except NotFound:
-            named, server = params.name, None  # recorded as asked; decide() denies
+            named, server = name, None  # recorded as asked; decide() denies
         entry = self.new_entry(principal, "tools/call", server, named, findings)
-        resolved: list[str] = []  # the server's own name for the tool, once decided
+        call = ToolCall(entry=entry, decide=_undecided)
 
         async def decide() -> tuple[Decision, Downstream]:
-            live = self.catalog.resolve(params.name)
-            resolved.append(live.spec.name)
+            live = self.catalog.resolve(name)
+            call.tool = live.spec.name
             await self.limiter.check(principal, live.spec.qualified_name, self.clock())
 
             def decide_as(approval: Approval) -> Decision:
@@ -213,27 +283,16 @@ class Mediator:
                     decision_id=entry.decision_id,
                     principal=principal,
                     server=live.spec.server,
-                    binding=Binding.of(principal, params.name, arguments),
+                    binding=Binding.of(principal, name, arguments),
                     redacted=findings.redacted,
                 )
-                progress = ctx.session.report_progress
                 decision = await self.approvals.settle(
                     ask, decision, decide_as, progress
                 )
             return decision, self.downstreams[live.spec.server]
 
-        def forward(
-            client: Client, relay: AgentRelay
-        ) -> Awaitable[types.CallToolResult]:
-            progress = relay.progress if relay.wants_progress else None
-            return client.call_tool(resolved[0], arguments, progress_callback=progress)
-
-        try:
-            return await self.mediate(ctx, principal, entry, decide, forward)
-        except DownstreamRefused as refused:
-            raise denial_error(refused) from None
-        except Denied as denied:
-            return denied_tool_result(denied)
+        call.decide = decide
+        return call
 
     # ---- resources ------------------------------------------------------------
 
@@ -528,7 +587,31 @@ class Mediator:
         decide: Callable[[], Awaitable[tuple[Decision, Downstream]]],
         forward: Callable[[Client, AgentRelay], Awaitable[T]],
     ) -> T:
-        """Decide, record, and only then forward; every failure is a recorded denial.
+        """``settle`` for a request that came through the SDK's server."""
+
+        def send(downstream: Downstream, entry: AuditEntry) -> Awaitable[T]:
+            relay = AgentRelay(
+                ctx=ctx,
+                principal=principal,
+                server=downstream.name,
+                target=entry.tool or "",
+                decision_id=entry.decision_id,
+                gate=self.gate_server_request,
+                levels=self.levels,
+            )
+            return downstream.forward(
+                entry.method, lambda client: forward(client, relay), relay
+            )
+
+        return await self.settle(entry, decide, send)
+
+    async def settle(
+        self,
+        entry: AuditEntry,
+        decide: Decide,
+        send: Callable[[Downstream, AuditEntry], Awaitable[T]],
+    ) -> T:
+        """Decide, record, and only then send; every failure is a recorded denial.
 
         The allowing entry is written before the request leaves, so a call
         that reached a server is on record even if the broker dies mid-call.
@@ -551,19 +634,8 @@ class Mediator:
                 self.store.record(replace(entry, detail="shadow mode: forwarded"))
             else:
                 raise Forbidden("policy did not allow it")
-            relay = AgentRelay(
-                ctx=ctx,
-                principal=principal,
-                server=downstream.name,
-                target=entry.tool or "",
-                decision_id=entry.decision_id,
-                gate=self.gate_server_request,
-                levels=self.levels,
-            )
             with self.metrics.forward_seconds.labels(downstream.name).time():
-                return await downstream.forward(
-                    what, lambda client: forward(client, relay), relay
-                )
+                return await send(downstream, entry)
         except Denied as denied:
             denied.decision_id = entry.decision_id
             self.record_denial(entry, denied, started)
@@ -594,7 +666,7 @@ class Mediator:
 
     # ---- what a downstream server sends towards the agent ---------------------
 
-    async def gate_server_request(self, relay: AgentRelay, kind: Kind) -> None:
+    async def gate_server_request(self, relay: AgentSide, kind: Kind) -> None:
         """Decide and record a sampling or elicitation request during a call."""
         entry = self.new_entry(
             relay.principal, METHOD_OF[kind], relay.server, relay.target

@@ -126,6 +126,11 @@ class Metrics:
             "Actions waiting for an approver (read at scrape time).",
             registry=self.registry,
         )
+        self.lean_calls = Counter(
+            "broker_lean_calls",
+            "tools/call requests the broker answered on its lean path.",
+            registry=self.registry,
+        )
         self.pin_drifts = Counter(
             "broker_pin_drifts",
             "Tools quarantined because they no longer match their pin.",

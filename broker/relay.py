@@ -22,7 +22,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import mcp.types as types
 from mcp.server.context import ServerRequestContext
@@ -51,9 +51,29 @@ METHOD_OF = {"sample": "sampling/createMessage", "elicit": "elicitation/create"}
 MAX_REMEMBERED_SESSIONS = 10_000
 
 Kind = Literal["sample", "elicit"]
+
+
+class AgentSide(Protocol):
+    """Who a forwarded request is for, as deciding a server's request needs it."""
+
+    principal: Principal
+    server: str
+    target: str
+    decision_id: str
+
+    @property
+    def can_ask(self) -> bool:
+        """Can the agent's connection answer a request at all?"""
+        ...
+
+    def accepts(self, kind: Kind) -> bool:
+        """Did the agent's client declare that it takes this kind of request?"""
+        ...
+
+
 # Decides and records one request a server sends towards the agent; raises
 # Denied when it may not pass.
-Gate = Callable[["AgentRelay", Kind], Awaitable[None]]
+Gate = Callable[[AgentSide, Kind], Awaitable[None]]
 
 
 class LogLevels:
@@ -75,6 +95,39 @@ class LogLevels:
         """A session that never set a level gets every message, as directly."""
         floor = self._levels.get(session, 0) if session is not None else 0
         return LEVELS.index(level) >= floor
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSession:
+    """What an agent's session settled at its handshake."""
+
+    version: str  # the protocol version negotiated
+    asks: bool  # its client takes sampling or elicitation requests
+
+
+class AgentSessions:
+    """The handshake of each agent session seen, by its session id."""
+
+    def __init__(self, limit: int = MAX_REMEMBERED_SESSIONS) -> None:
+        self._known: OrderedDict[str, AgentSession] = OrderedDict()
+        self._limit = limit
+
+    def note(self, ctx: ServerRequestContext[Any, Any]) -> None:
+        """Remember the session ``ctx`` belongs to, once its handshake is done."""
+        session = session_id(ctx)
+        if session is None or session in self._known:
+            return
+        client = ctx.session.client_params
+        if client is None:
+            return  # before initialize has been answered
+        capabilities = client.capabilities
+        asks = capabilities.sampling is not None or capabilities.elicitation is not None
+        self._known[session] = AgentSession(ctx.protocol_version, asks)
+        while len(self._known) > self._limit:
+            self._known.popitem(last=False)
+
+    def get(self, session: str) -> AgentSession | None:
+        return self._known.get(session)
 
 
 def session_id(ctx: ServerRequestContext[Any, Any]) -> str | None:
@@ -117,11 +170,7 @@ class AgentRelay:
         try:
             await self.gate(self, kind)
         except Denied as denied:
-            return types.ErrorData(
-                code=types.INVALID_REQUEST,
-                message=f"denied by the broker: {denied.category} "
-                f"(decision {denied.decision_id})",
-            )
+            return refusal_to_server(denied)
         metadata = ServerMessageMetadata(related_request_id=self.ctx.request_id)
         try:
             return await self.ctx.session.send_request(
@@ -136,8 +185,11 @@ class AgentRelay:
                 message=f"the broker could not reach the agent: {type(exc).__name__}",
             )
 
+    @property
+    def can_ask(self) -> bool:
+        return self.ctx.session.can_send_request
+
     def accepts(self, kind: Kind) -> bool:
-        """Did the agent's client declare that it takes this kind of request?"""
         if kind == "sample":
             wanted = types.ClientCapabilities(sampling=types.SamplingCapability())
         else:
@@ -175,9 +227,18 @@ class AgentRelay:
             log.debug("a progress notification could not reach the agent: %s", exc)
 
 
-def refuse_unaccepted(relay: AgentRelay, kind: Kind) -> None:
+def refusal_to_server(denied: Denied) -> types.ErrorData:
+    """What a server is told when its request towards the agent was denied."""
+    return types.ErrorData(
+        code=types.INVALID_REQUEST,
+        message=f"denied by the broker: {denied.category} "
+        f"(decision {denied.decision_id})",
+    )
+
+
+def refuse_unaccepted(relay: AgentSide, kind: Kind) -> None:
     """Denied unless the agent can be asked at all, and takes this kind."""
-    if not relay.ctx.session.can_send_request:
+    if not relay.can_ask:
         raise Forbidden(
             "the agent's connection cannot answer requests (stateless sessions)"
         )

@@ -40,6 +40,7 @@ from broker.catalog import Catalog
 from broker.config import BrokerConfig
 from broker.downstream import Downstream
 from broker.errors import RecordFailed
+from broker.lean import LeanCalls
 from broker.limits import RateLimiter, build_limiter
 from broker.manifest import load_manifests
 from broker.mediation import Mediator
@@ -137,9 +138,10 @@ def build_broker(config: BrokerConfig, *, store: Store | None = None) -> Broker:
             replace(entry, decision_id=decision_id, category=category, detail=detail)
         )
 
-    mcp_endpoint = BearerAuth(
-        StreamableHTTPASGIApp(manager), verifier, config, on_denied
-    )
+    mcp_app: ASGIApp = StreamableHTTPASGIApp(manager)
+    if config.lean_path:
+        mcp_app = LeanCalls(mcp_app, mediator, manager)
+    mcp_endpoint = BearerAuth(mcp_app, verifier, config, on_denied)
     routes = [
         Route("/mcp", endpoint=mcp_endpoint),
         Route("/report", endpoint=_report_page(mediator, verifier, config, on_denied)),

@@ -3,7 +3,8 @@
 Each tool uses one thing a server may send towards the client in the middle
 of a request: a sampling request, an elicitation request, log messages at
 several levels, progress notifications, or an update of a resource that
-clients may subscribe to. Run over stdio.
+clients may subscribe to. Run over stdio, or with ``--http PORT`` over
+Streamable HTTP on loopback.
 """
 
 from __future__ import annotations
@@ -62,6 +63,17 @@ async def chatty(ctx: Context) -> str:
     return "logged"
 
 
+@server.tool(description="Say a name back as structured content.")
+def named(name: str) -> Answer:
+    return Answer(name=name)
+
+
+@server.tool(description="Take a while: for calls that are cancelled.")
+async def dawdle(seconds: float) -> str:
+    await anyio.sleep(seconds)
+    return "done dawdling"
+
+
 @server.resource("relay://counter", description="A number that bump changes.")
 def counter() -> str:
     return str(_count[0])
@@ -96,4 +108,9 @@ for _method, _params in (
 
 
 if __name__ == "__main__":
-    server.run("stdio")
+    import sys
+
+    if sys.argv[1:2] == ["--http"]:
+        server.run("streamable-http", host="127.0.0.1", port=int(sys.argv[2]))
+    else:
+        server.run("stdio")
