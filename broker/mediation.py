@@ -278,7 +278,8 @@ class Mediator:
 
             decision = decide_as(NOT_APPROVED)
             shadowed = live.spec.server in self.shadow
-            if not decision.allowed and self.approvals is not None and not shadowed:
+            held = not decision.allowed and decision.approvable and not shadowed
+            if held and self.approvals is not None:
                 ask = Ask(
                     decision_id=entry.decision_id,
                     principal=principal,

@@ -40,6 +40,9 @@ class Decision:
     allowed: bool
     reasons: tuple[str, ...]
     errors: tuple[str, ...]
+    # For a denial: could the same request with approval granted be allowed?
+    # False only when Cedar was shown not to need asking again.
+    approvable: bool = True
 
 
 def _fail_closed(decide: Callable[P, Decision]) -> Callable[P, Decision]:
@@ -333,10 +336,14 @@ class PolicyEngine:
             self._loaded.schema,
         )
         labels = self._loaded.labels
+        raw_reasons = result.diagnostics.reasons
         errors = tuple(self._relabel(error) for error in result.diagnostics.errors)
-        reasons = tuple(labels.get(r, r) for r in result.diagnostics.reasons)
+        reasons = tuple(labels.get(r, r) for r in raw_reasons)
         allowed = result.decision == cedarpy.Decision.Allow and not errors
-        return Decision(allowed, reasons, errors)
+        approvable = not allowed and (
+            bool(errors) or self._slices.approval_may_change(action["id"], raw_reasons)
+        )
+        return Decision(allowed, reasons, errors, approvable)
 
     def _could_allow(
         self,

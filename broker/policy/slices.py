@@ -28,6 +28,7 @@ from collections.abc import Iterable
 import cedarpy
 from cedarpy import pst
 
+from broker.policy.approval_reads import reads_approval
 from broker.policy.schema import cedar_string
 
 ACTION = "Action"
@@ -57,6 +58,11 @@ class Slices:
         )
         self._probe = _probe_set(self._groups)
         self._by_action: dict[str, cedarpy.PolicySet] = {}
+        # The ids each action's slice keeps, and those that read approval.
+        self._kept_of: dict[str, frozenset[str]] = {}
+        self._readers = frozenset(
+            pid for pid, p in self._tree.static_policies.items() if reads_approval(p)
+        )
         self._by_ids: dict[frozenset[str], cedarpy.PolicySet] = {}
         ordered = sorted(set(actions))
         self._bucket_of = {
@@ -70,19 +76,44 @@ class Slices:
         cut = self._by_action.get(action)
         if cut is None:
             bucket = self._bucket_of.get(action, (action,))
-            cut = self._cut(bucket) if self._cuttable else self._full
+            kept = self._kept(bucket)
+            cut = self._slice(kept)
             for member in bucket:
                 self._by_action[member] = cut
+                self._kept_of[member] = kept
         return cut
 
-    def _cut(self, actions: Iterable[str]) -> cedarpy.PolicySet:
+    def approval_may_change(self, action: str, reasons: Iterable[str]) -> bool:
+        """Could granting approval turn this denial of ``action`` around?
+
+        ``reasons`` are the ids of the forbids that denied it. One of them
+        that does not read approval denies with approval too; with none, only
+        a permit that reads approval could now be satisfied.
+        """
+        if not self._cuttable:
+            return True  # templates and links are not read here
+        self.for_action(action)
+        denying = frozenset(reasons)
+        if denying - self._readers:
+            return False
+        if denying:
+            return True
+        kept = self._kept_of[action] & self._readers
+        return any(self._tree.static_policies[p].effect == "permit" for p in kept)
+
+    def _kept(self, actions: Iterable[str]) -> frozenset[str]:
+        """The ids of the policies that may apply to any of ``actions``."""
+        if not self._cuttable:
+            return frozenset(self._tree.static_policies)
         scopes = [{action} | self._groups_of(action) for action in actions]
-        kept = frozenset(
+        return frozenset(
             pid
             for pid, policy in self._tree.static_policies.items()
             if any(_may_apply(policy.action, within) for within in scopes)
         )
-        if len(kept) == len(self._tree.static_policies):
+
+    def _slice(self, kept: frozenset[str]) -> cedarpy.PolicySet:
+        if not self._cuttable or len(kept) == len(self._tree.static_policies):
             return self._full
         cut = self._by_ids.get(kept)
         if cut is None:
