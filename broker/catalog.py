@@ -38,6 +38,9 @@ class Catalog:
         self._live: dict[str, LiveTool] = {}
         self._quarantined: dict[str, Drift] = {}
         self._refreshed: set[str] = set()
+        # Counts the checks: what was derived from the live tools (a shaped
+        # listing, say) is stale once it moves on.
+        self.generation = 0
         # The name an agent uses for each pinned tool, to the broker's own.
         self._names = {t.exposed_name: t.qualified_name for t in self.pinned}
 
@@ -75,6 +78,7 @@ class Catalog:
         }
         self._quarantined.update({prefix + d.tool: d for d in drifts})
         self._refreshed.add(server)
+        self.generation += 1
         return [d for d in drifts if prefix + d.tool not in before]
 
     def qualified(self, name: str) -> str:

@@ -1,9 +1,9 @@
-"""The lean path: a plain ``tools/call`` answered without the SDK's server machinery.
+"""The lean path: ``tools/call`` and ``tools/list`` without the SDK's server machinery.
 
 For each request the SDK's Streamable HTTP server sets up memory streams, a
 dispatcher task, a server-sent-event writer and pydantic models both ways,
 which costs more CPU than deciding and recording the call. ``LeanCalls``
-sits in front of it and answers itself the one request agents send most,
+sits in front of it and answers itself the two requests agents send most,
 when it can answer exactly as the SDK would; it hands everything else to
 the SDK untouched, and so anything it is unsure of.
 
@@ -11,23 +11,26 @@ A request takes the lean path only when all of this holds:
 
 - a POST whose headers the SDK would accept (JSON body, both answer types
   accepted, a handshake-era protocol version, a size within the limit);
-- its body is one JSON-RPC request for ``tools/call`` whose parameters the
-  SDK's own validator accepts, with no progress token;
+- its body is one JSON-RPC request for ``tools/call`` or ``tools/list``
+  whose parameters the SDK's own validator accepts, with no progress token;
 - with stateful sessions: its session is open in the SDK, was opened with
-  the caller's credential, negotiated that protocol version, and declared
-  neither sampling nor elicitation. Nothing a server asks during the call
-  could then be put to this agent on either path, so a server's request is
-  refused and recorded here as the SDK path would refuse it.
+  the caller's credential and negotiated that protocol version; for a call,
+  it also declared neither sampling nor elicitation. Nothing a server asks
+  during the call could then be put to this agent on either path, so a
+  server's request is refused and recorded here as the SDK would refuse it.
 
 The decision, the record and the forwarding are the mediator's, as on the
 SDK path. Log messages a server sends during the call reach the agent on
-the call's own event stream, filtered by the level its session set.
+the call's own event stream, filtered by the level its session set. A
+listing is shaped once for each set of tools a caller may see and kept,
+and recorded every time, as on the SDK path.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,6 +50,7 @@ from mcp.shared.exceptions import MCPError
 from mcp.shared.jsonrpc_dispatcher import progress_token_from_params
 from mcp_types import methods
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
+from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker.audit import AuditEntry
@@ -63,7 +67,11 @@ from broker.relay import Gate, Kind, LogLevels, refusal_to_server
 
 log = logging.getLogger("broker.lean")
 
-METHOD = "tools/call"
+CALL = "tools/call"
+LIST = "tools/list"
+# Shaped listings kept, one per protocol version, catalog and visible set.
+KEPT_LISTINGS = 16
+ENVELOPE = frozenset({"jsonrpc", "id", "method", "params"})
 SSE_HEADERS = [
     (b"cache-control", b"no-cache, no-transform"),
     (b"connection", b"keep-alive"),
@@ -84,7 +92,8 @@ class _Head:
 @dataclass(frozen=True, slots=True)
 class _Request:
     id: int | str
-    params: types.CallToolRequestParams
+    method: str
+    call: types.CallToolRequestParams | None  # for tools/call
 
 
 class LeanCalls:
@@ -102,6 +111,7 @@ class LeanCalls:
         self.mediator = mediator
         self.manager = manager
         self.max_body = max_body
+        self._listings: OrderedDict[tuple[object, ...], bytes] = OrderedDict()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         head = _head(scope, self.max_body) if scope["type"] == "http" else None
@@ -112,20 +122,32 @@ class LeanCalls:
         if body is None:
             return  # the agent went away before it finished sending
         request = _request(body, head.version)
-        taken, transport = self._session(scope, head) if request else (False, None)
+        taken, transport = self._session(scope, head, request)
         if request is None or not taken:
             await self.app(scope, _replay(body, receive), send)
             return
 
         answer = _Answer(send, head.session)
-        self.mediator.metrics.lean_calls.inc()
+        principal = scope[PRINCIPAL_KEY]
         with _in_flight(transport):
-            await self._answer(scope[PRINCIPAL_KEY], head, request, answer)
+            if request.call is None:
+                listing = await self._listing(principal, head, request)
+                if listing is None:
+                    # Not recorded, so nothing was done: the SDK answers it.
+                    await self.app(scope, _replay(body, receive), send)
+                    return
+                self.mediator.metrics.lean_calls.labels(LIST).inc()
+                await answer.finish(listing)
+                return
+            self.mediator.metrics.lean_calls.labels(CALL).inc()
+            await self._answer(principal, head, request, request.call, answer)
 
     def _session(
-        self, scope: Scope, head: _Head
+        self, scope: Scope, head: _Head, request: _Request | None
     ) -> tuple[bool, StreamableHTTPServerTransport | None]:
         """Whether the lean path may answer, and the agent's SDK session if any."""
+        if request is None:
+            return False, None
         if self.manager.stateless:
             return True, None
         if head.session is None:
@@ -144,19 +166,47 @@ class LeanCalls:
         if caller != self.manager._session_owners.get(head.session):
             return False, None
         known = self.mediator.sessions.get(head.session)
-        if known is None or known.asks or known.version != head.version:
+        if known is None or known.version != head.version:
+            return False, None
+        if known.asks and request.call is not None:
             return False, None
         return True, transport
 
+    async def _listing(
+        self, principal: Principal, head: _Head, request: _Request
+    ) -> bytes | None:
+        """The JSON-RPC answer to ``tools/list``, or None if it was not recorded."""
+        mediator = self.mediator
+        shown, usable = await mediator.visible_tools(principal)
+        try:
+            mediator.record_list(principal, LIST, f"{len(shown)} of {usable}")
+        except Exception:
+            return None
+        key = (head.version, mediator.catalog.generation, *(id(t) for t in shown))
+        result = self._listings.get(key)
+        if result is None:
+            listed = types.ListToolsResult(tools=[t.definition for t in shown])
+            result = _shaped(LIST, head.version, listed)
+            self._listings[key] = result
+            while len(self._listings) > KEPT_LISTINGS:
+                self._listings.popitem(last=False)
+        self._listings.move_to_end(key)
+        return _envelope(request.id, result)
+
     async def _answer(
-        self, principal: Principal, head: _Head, request: _Request, answer: _Answer
+        self,
+        principal: Principal,
+        head: _Head,
+        request: _Request,
+        params: types.CallToolRequestParams,
+        answer: _Answer,
     ) -> None:
         key = (head.session, str(request.id)) if head.session is not None else None
         with anyio.CancelScope() as cancelled:
             if key is not None:
                 self.mediator.lean_calls[key] = cancelled
             try:
-                message = await self._call(principal, head, request, answer)
+                message = await self._call(principal, head, request, params, answer)
             finally:
                 if key is not None:
                     self.mediator.lean_calls.pop(key, None)
@@ -169,11 +219,15 @@ class LeanCalls:
         await answer.finish(message)
 
     async def _call(
-        self, principal: Principal, head: _Head, request: _Request, answer: _Answer
+        self,
+        principal: Principal,
+        head: _Head,
+        request: _Request,
+        params: types.CallToolRequestParams,
+        answer: _Answer,
     ) -> bytes:
         """The JSON-RPC answer to one call: decided, recorded, forwarded."""
         mediator = self.mediator
-        params = request.params
         arguments = dict(params.arguments or {})
         call = mediator.tool_call(principal, params.name, arguments, _no_progress)
 
@@ -199,7 +253,7 @@ class LeanCalls:
         except Denied as denied:
             result = denied_tool_result(denied)
         try:
-            return _result(request.id, head.version, result)
+            return _envelope(request.id, _shaped(CALL, head.version, result))
         except Exception:
             # The SDK's server answers a result it cannot shape so, too.
             log.exception("a tool result could not be shaped for %s", head.version)
@@ -374,20 +428,16 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 
 def _request(body: bytes, version: str) -> _Request | None:
-    """The call in ``body`` if it is one plain ``tools/call``, else None."""
+    """The request in ``body`` if it is one plain call or listing, else None."""
     try:
         message = pydantic_core.from_json(body)
     except ValueError:
         return None
-    if not isinstance(message, dict) or message.keys() - {
-        "jsonrpc",
-        "id",
-        "method",
-        "params",
-    }:
+    if not isinstance(message, dict) or message.keys() - ENVELOPE:
         return None
-    request_id, params = message.get("id"), message.get("params")
-    if message.get("jsonrpc") != "2.0" or message.get("method") != METHOD:
+    request_id, method = message.get("id"), message.get("method")
+    params = message.get("params", {} if method == LIST else None)
+    if message.get("jsonrpc") != "2.0" or method not in (CALL, LIST):
         return None
     if isinstance(request_id, bool) or not isinstance(request_id, int | str):
         return None
@@ -395,18 +445,28 @@ def _request(body: bytes, version: str) -> _Request | None:
         return None
     try:
         # The two checks the SDK's server makes before its handler runs.
-        methods.validate_client_request(METHOD, version, params)
-        validated = types.CallToolRequestParams.model_validate(params, by_name=False)
+        methods.validate_client_request(method, version, params)
+        if method == LIST:
+            types.PaginatedRequestParams.model_validate(params, by_name=False)
+            return _Request(request_id, method, None)
+        call = types.CallToolRequestParams.model_validate(params, by_name=False)
     except Exception:
         return None  # the SDK answers what is wrong with it
-    return _Request(request_id, validated)
+    return _Request(request_id, method, call)
 
 
-def _result(request_id: int | str, version: str, result: types.CallToolResult) -> bytes:
+def _shaped(method: str, version: str, result: BaseModel) -> bytes:
+    """A result as the SDK's server puts it on the wire for ``version``."""
     dumped = result.model_dump(by_alias=True, mode="json", exclude_none=True)
-    shaped = methods.serialize_server_result(METHOD, version, dumped)
-    response = types.JSONRPCResponse(jsonrpc="2.0", id=request_id, result=shaped)
-    return response.model_dump_json(by_alias=True, exclude_unset=True).encode()
+    return pydantic_core.to_json(
+        methods.serialize_server_result(method, version, dumped)
+    )
+
+
+def _envelope(request_id: int | str, result: bytes) -> bytes:
+    """The JSON-RPC answer around an already encoded result."""
+    head = b'{"jsonrpc":"2.0","id":' + pydantic_core.to_json(request_id)
+    return head + b',"result":' + result + b"}"
 
 
 def _error(request_id: int | str, error: types.ErrorData) -> bytes:

@@ -36,7 +36,7 @@ from mcp.shared.exceptions import MCPError
 from broker.approvals.gate import Approvals, Ask, Progress
 from broker.approvals.model import NOT_APPROVED, Approval, Binding
 from broker.audit import AuditEntry, Store, record_or_log
-from broker.catalog import Catalog, Drift
+from broker.catalog import Catalog, Drift, LiveTool
 from broker.classify import Findings, inspect
 from broker.downstream import Downstream
 from broker.errors import (
@@ -201,9 +201,15 @@ class Mediator:
         ctx: ServerRequestContext[Any, Any],
         params: types.PaginatedRequestParams | None,
     ) -> types.ListToolsResult:
+        principal = require_principal(ctx)
+        shown, usable = await self.visible_tools(principal)
+        self.record_list(principal, "tools/list", f"{len(shown)} of {usable}")
+        return types.ListToolsResult(tools=[t.definition for t in shown])
+
+    async def visible_tools(self, principal: Principal) -> tuple[list[LiveTool], int]:
+        """The tools ``principal`` could be allowed to call, of how many usable."""
         # The catalog is kept current by the pin check of every new session
         # and by the servers' list-changed notices, not by listing again here.
-        principal = require_principal(ctx)
         usable = self.catalog.usable()
         specs = [t.spec for t in usable]
         # A caller's first listing previews every tool with Cedar, which takes
@@ -212,9 +218,7 @@ class Mediator:
             partial(self.engine.visible_tools, principal, specs, now=self.clock())
         )
         visible = {t.qualified_name for t in listed}
-        tools = [t.definition for t in usable if t.spec.qualified_name in visible]
-        self.record_list(principal, "tools/list", f"{len(tools)} of {len(usable)}")
-        return types.ListToolsResult(tools=tools)
+        return [t for t in usable if t.spec.qualified_name in visible], len(usable)
 
     async def call_tool(
         self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams

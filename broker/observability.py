@@ -128,7 +128,8 @@ class Metrics:
         )
         self.lean_calls = Counter(
             "broker_lean_calls",
-            "tools/call requests the broker answered on its lean path.",
+            "Requests the broker answered on its lean path, by method.",
+            ["method"],
             registry=self.registry,
         )
         self.pin_drifts = Counter(

@@ -44,6 +44,7 @@ POLICY = """
 permit (principal, action in Action::"call_tool", resource);
 forbid (principal, action == Action::"call:relay.bump", resource);
 permit (principal == Server::"relay", action == Action::"sample", resource);
+forbid (principal == User::"mallory", action == Action::"call:relay.chatty", resource);
 """
 DECISION = re.compile(r"\b[0-9a-f]{32}\b")
 SSE_ACCEPT = "application/json, text/event-stream"
@@ -142,11 +143,14 @@ def pair(tmp_path: Path, live_idp: LocalIdP, port: int) -> Iterator[Pair]:
         yield running
 
 
-def lean_calls(broker: RunningBroker) -> float:
+def lean_calls(broker: RunningBroker, method: str = "tools/call") -> float:
+    """How many requests of ``method`` the broker answered on its lean path."""
     text = httpx2.get(broker.origin + "/metrics", timeout=5).text
-    found = re.search(r"^broker_lean_calls_total (\S+)$", text, re.MULTILINE)
-    assert found is not None, "the lean path counter is missing from /metrics"
-    return float(found.group(1))
+    if "# TYPE broker_lean_calls_total counter" not in text:
+        raise AssertionError("the lean path counter is missing from /metrics")
+    line = rf'^broker_lean_calls_total{{method="{re.escape(method)}"}} (\S+)$'
+    found = re.search(line, text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
 
 
 def without_ids(value: Any) -> Any:
@@ -193,6 +197,41 @@ async def test_every_kind_of_answer_is_the_same_on_both_paths(pair: Pair) -> Non
     assert calls_on_record(pair.lean) == calls_on_record(pair.sdk)
     assert lean_calls(pair.lean) == len(CALLS)
     assert lean_calls(pair.sdk) == 0
+
+
+async def test_a_listing_is_the_same_on_both_paths(
+    pair: Pair, live_idp: LocalIdP
+) -> None:
+    """tools/list shows each caller what the SDK's path shows, kept per visible set."""
+    mallory = live_idp.token(live_idp.claims(sub="mallory"))
+    seen: dict[str, list[list[str]]] = {}
+    for broker in (pair.lean, pair.sdk):
+        listings = []
+        for token in (pair.token, mallory, pair.token):
+            async with agent(broker.url, token) as client:
+                listed = await client.list_tools()
+            listings.append(without_ids(listed.model_dump()))
+        seen[broker.url] = listings
+    alice, theirs, again = seen[pair.lean.url]
+    assert seen[pair.lean.url] == seen[pair.sdk.url]
+    assert alice == again
+    assert "relay.chatty" in alice
+    assert "relay.chatty" not in theirs
+    assert "relay.bump" not in alice
+    assert lean_calls(pair.lean, "tools/list") == 3
+    assert lean_calls(pair.sdk, "tools/list") == 0
+    listed = [
+        (e.subject, e.outcome, e.detail)
+        for broker in (pair.lean, pair.sdk)
+        for e in broker.audit()
+        if e.method == "tools/list"
+    ]
+    assert listed[:3] == listed[3:]
+    assert listed[:3] == [
+        ("alice", "allow", "6 of 7"),
+        ("mallory", "allow", "5 of 7"),
+        ("alice", "allow", "6 of 7"),
+    ]
 
 
 async def test_log_messages_reach_the_agent_on_the_lean_path(pair: Pair) -> None:
