@@ -18,7 +18,9 @@ the relay, which decides and records it, and answered with what that gives.
 What the server says on a call's event stream before the answer goes to the
 relay (log messages) or to the notice handler (list changes, resource
 updates). A stream cut off before the answer is a failed call: the broker
-does not resume streams, and the call is not sent again.
+does not resume streams, and the call is not sent again. A call given up
+(cancelled by its agent, or past its timeout) closes its connection, and
+the server is sent ``notifications/cancelled`` for it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import mcp.types as types
 import pydantic
 import pydantic_core
@@ -39,6 +42,7 @@ from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERS
 
 from broker import __version__
 from broker.credentials import CredentialSource
+from broker.errors import DownstreamFailed
 from broker.http1 import HttpError, Pool, StreamedResponse
 
 if TYPE_CHECKING:
@@ -50,6 +54,8 @@ JSON = "application/json"
 EVENTS = "text/event-stream"
 ACCEPT = f"{JSON}, {EVENTS}"
 REPLY_CONNECTIONS = 2
+# How long telling a server of a cancelled call may hold the cancellation up.
+CANCEL_SECONDS = 1.0
 CLIENT_INFO = {"name": "mcp-broker", "version": __version__}
 NoticeHandler = Callable[[types.ServerNotification], Awaitable[None]]
 
@@ -147,7 +153,15 @@ class WireSession:
         is no answer at all is WireFailed or HttpError.
         """
         params = {"name": name, "arguments": arguments}
-        message, _ = await self._exchange(next(self._ids), "tools/call", params, relay)
+        request_id = next(self._ids)
+        try:
+            message, _ = await self._exchange(request_id, "tools/call", params, relay)
+        except anyio.get_cancelled_exc_class():
+            # As the SDK's client does when it gives up on a request (the
+            # agent cancelled it, or the call timed out): tell the server.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(CANCEL_SECONDS):
+                await self._cancelled(request_id)
+            raise
         result = types.CallToolResult.model_validate(_result_of(message), by_name=False)
         if not result.is_error:
             self._check_output(name, result)
@@ -275,6 +289,17 @@ class WireSession:
 
     async def _notify(self, method: str) -> None:
         await self._post({"jsonrpc": "2.0", "method": method})
+
+    async def _cancelled(self, request_id: int) -> None:
+        cancel = {
+            "jsonrpc": "2.0",
+            "method": "notifications/cancelled",
+            "params": {"requestId": request_id},
+        }
+        try:
+            await self._post(cancel)
+        except (HttpError, WireFailed, DownstreamFailed) as exc:
+            log.debug("server %s was not told of a cancelled call: %s", self.name, exc)
 
     async def _post(self, message: Mapping[str, Any]) -> None:
         """A message that gets no answer of its own: 202 Accepted."""

@@ -9,6 +9,7 @@ Streamable HTTP on loopback.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import anyio
@@ -70,8 +71,20 @@ def named(name: str) -> Answer:
 
 @server.tool(description="Take a while: for calls that are cancelled.")
 async def dawdle(seconds: float) -> str:
-    await anyio.sleep(seconds)
+    try:
+        await anyio.sleep(seconds)
+    except anyio.get_cancelled_exc_class():
+        _note("dawdle cancelled")
+        raise
     return "done dawdling"
+
+
+def _note(line: str) -> None:
+    """A line in the file RELAY_NOTES names, for tests that ask what happened here."""
+    path = os.environ.get("RELAY_NOTES")
+    if path:
+        with open(path, "a", encoding="utf-8") as notes:
+            notes.write(line + "\n")
 
 
 @server.resource("relay://counter", description="A number that bump changes.")

@@ -9,6 +9,7 @@ tells which path answered.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -57,14 +58,20 @@ class Pair:
     token: str
     server_port: int
     server: subprocess.Popen[bytes]
+    notes: Path
 
 
 @contextmanager
-def relay_over_http(port: int) -> Iterator[subprocess.Popen[bytes]]:
+def relay_over_http(
+    port: int, notes: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """The relay server on ``port``; it notes what happened to ``notes``."""
+    env = {**os.environ, "RELAY_NOTES": str(notes)} if notes else None
     process = subprocess.Popen(
         [sys.executable, str(RELAY_SERVER), "--http", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env=env,
     )
     try:
         _wait_for_port(port, process)
@@ -120,7 +127,7 @@ def pair_of_brokers(
     server_port, sdk_port = free_port(), free_port()
     server_url = f"http://127.0.0.1:{server_port}/mcp"
     resource = f"http://127.0.0.1:{port}/mcp"
-    with relay_over_http(server_port) as server:
+    with relay_over_http(server_port, tmp_path / "relay-notes.txt") as server:
         prepare(tmp_path / "lean", port, idp, server_url, resource, extra)
         prepare(
             tmp_path / "sdk",
@@ -134,7 +141,14 @@ def pair_of_brokers(
             running_broker(tmp_path / "lean", port) as lean,
             running_broker(tmp_path / "sdk", sdk_port) as sdk,
         ):
-            yield Pair(lean, sdk, idp.token(), server_port, server)
+            yield Pair(
+                lean,
+                sdk,
+                idp.token(),
+                server_port,
+                server,
+                tmp_path / "relay-notes.txt",
+            )
 
 
 @pytest.fixture
@@ -340,7 +354,7 @@ async def test_a_session_is_answered_only_for_its_opener(
 
 
 async def test_a_cancelled_lean_call_is_answered_as_cancelled(pair: Pair) -> None:
-    """notifications/cancelled ends a lean call with the SDK's own answer."""
+    """notifications/cancelled ends a lean call as the SDK would, and the work too."""
     answers: dict[str, dict[str, Any]] = {}
     for broker in (pair.lean, pair.sdk):
         async with raw_session(broker.url, pair.token) as (http, _):
@@ -368,6 +382,12 @@ async def test_a_cancelled_lean_call_is_answered_as_cancelled(pair: Pair) -> Non
     assert answers[pair.lean.url] == answers[pair.sdk.url]
     assert answers[pair.lean.url]["error"]["code"] == REQUEST_CANCELLED
     assert lean_calls(pair.lean) == 1
+    # Both brokers told the server, which stopped working on the call.
+    for _ in range(100):
+        if pair.notes.exists() and pair.notes.read_text().count("cancelled") == 2:
+            break
+        await anyio.sleep(0.05)
+    assert pair.notes.read_text().splitlines() == ["dawdle cancelled"] * 2
 
 
 async def test_a_dead_server_is_a_recorded_denial_then_calls_resume(
