@@ -100,7 +100,8 @@ async def test_metrics_endpoint_reports_live_decisions(
     assert 'outcome="allow"' in text
     assert 'tool="demo.write_note"' in text
     assert "broker_decisions_total" in text
-    # The denied call is decided twice: as it stands, and as if approved.
-    assert "broker_decide_seconds_count 3.0" in text
+    # Each call is decided once: no rule lets approval turn the denial round,
+    # so it is not decided again as if approved.
+    assert "broker_decide_seconds_count 2.0" in text
     assert 'broker_forward_seconds_count{server="demo"} 1.0' in text
     assert "broker_pending_approvals 0.0" in text

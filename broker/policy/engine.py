@@ -13,7 +13,7 @@ import functools
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, ParamSpec
 
@@ -41,8 +41,9 @@ class Decision:
     reasons: tuple[str, ...]
     errors: tuple[str, ...]
     # For a denial: could the same request with approval granted be allowed?
-    # False only when Cedar was shown not to need asking again.
-    approvable: bool = True
+    # False only when Cedar was shown not to need asking again. A hint about
+    # deciding, not part of the decision: equal decisions may differ in it.
+    approvable: bool = field(default=True, compare=False)
 
 
 def _fail_closed(decide: Callable[P, Decision]) -> Callable[P, Decision]:
