@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -108,7 +108,9 @@ class Downstream:
         on_server_request: ServerRequestHandler | None = None,
         on_tools: ToolsHandler | None = None,
         on_notice: NoticeHandler | None = None,
+        wire: bool = True,
     ) -> None:
+        """``wire``: calls to an HTTP server may go on the broker's own session."""
         self.manifest = manifest
         self.name = manifest.server
         self.credentials = CredentialSource(manifest.credential)
@@ -131,6 +133,7 @@ class Downstream:
         self._tasks: anyio.abc.TaskGroup | None = None
         self.last_error = ""
         # The broker's own session for calls to an HTTP server (broker.wire).
+        self._wired = wire
         self._wire: WireSession | None = None
         self._wire_lock = anyio.Lock()
         self._wire_failed_at = -math.inf
@@ -162,6 +165,7 @@ class Downstream:
                         self._publish(session)
                         backoff = INITIAL_BACKOFF_SECONDS
                         log.info("downstream %s connected", self.name)
+                        self._tasks_start(self._open_wire)
                         await self._watch(session)
                 if connecting.cancelled_caught:
                     raise DownstreamFailed(
@@ -322,11 +326,11 @@ class Downstream:
 
     async def _wire_session(self) -> WireSession | None:
         """The wire session, opened and pin-checked on first use; None for stdio."""
-        wire = self._wire
-        if wire is not None and wire.sound:
-            return wire
+        current = self._wire
+        if current is not None and current.sound:
+            return current
         transport = self.manifest.transport
-        if transport.kind != "http" or self._stopping:
+        if transport.kind != "http" or not self._wired or self._stopping:
             return None
         async with self._wire_lock:
             if self._wire is not None and self._wire.sound:
@@ -334,32 +338,52 @@ class Downstream:
             if anyio.current_time() - self._wire_failed_at < WIRE_RETRY_SECONDS:
                 return None
             await self.client()  # a server that is down fails here, after a wait
+            self._wire = await self._new_wire(transport.url)
+            return self._wire
+
+    async def _new_wire(self, url: str) -> WireSession | None:
+        """A wire session, opened and checked against the pins; None if it cannot be."""
+        wire: WireSession | None = None
+        try:
             wire = WireSession(
                 self.name,
-                transport.url,
+                url,
                 self.credentials,
                 timeout=self.call_timeout,
                 max_connections=self.manifest.max_sessions,
                 on_notice=self._wire_notice,
             )
-            try:
-                with anyio.fail_after(self.connect_timeout):
-                    tools = await wire.open()
-                    if self._on_tools is not None:
-                        await self._on_tools(self, tools)
-            except Exception as exc:
-                self._wire_failed_at = anyio.current_time()
-                log.warning(
-                    "downstream %s: no session of the broker's own, calls go "
-                    "through the SDK: %s: %s",
-                    self.name,
-                    type(exc).__name__,
-                    exc,
-                )
+            with anyio.fail_after(self.connect_timeout):
+                tools = await wire.open()
+                if self._on_tools is not None:
+                    await self._on_tools(self, tools)
+        except Exception as exc:
+            self._wire_failed_at = anyio.current_time()
+            log.warning(
+                "downstream %s: no session of the broker's own, calls go "
+                "through the SDK: %s: %s",
+                self.name,
+                type(exc).__name__,
+                exc,
+            )
+            if wire is not None:
                 await wire.aclose()
-                return None
-            self._wire = wire
-            return wire
+            return None
+        log.info("downstream %s: calls go on a session of the broker's own", self.name)
+        return wire
+
+    async def _open_wire(self) -> None:
+        """Open the wire session now, so that the first call does not wait for it."""
+        try:
+            await self._wire_session()
+        except DownstreamFailed as exc:
+            log.info(
+                "downstream %s: no session of the broker's own yet: %s", self.name, exc
+            )
+
+    def _tasks_start(self, task: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        if self._tasks is not None:
+            self._tasks.start_soon(task)
 
     async def _wire_notice(self, message: types.ServerNotification) -> None:
         if self._on_notice is not None:
@@ -372,8 +396,7 @@ class Downstream:
             return
         self._wire = None
         current.sound = False
-        if self._tasks is not None:
-            self._tasks.start_soon(current.aclose)
+        self._tasks_start(current.aclose)
 
     def _failure(self, what: str, exc: Exception) -> DownstreamFailed:
         """The denial a failed request becomes, with what the server said."""

@@ -122,13 +122,13 @@ class LeanCalls:
         if body is None:
             return  # the agent went away before it finished sending
         request = _request(body, head.version)
+        principal = scope.get(PRINCIPAL_KEY)
         taken, transport = self._session(scope, head, request)
-        if request is None or not taken:
+        if request is None or not taken or not isinstance(principal, Principal):
             await self.app(scope, _replay(body, receive), send)
             return
 
         answer = _Answer(send, head.session)
-        principal = scope[PRINCIPAL_KEY]
         with _in_flight(transport):
             if request.call is None:
                 listing = await self._listing(principal, head, request)

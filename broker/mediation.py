@@ -168,6 +168,10 @@ class Mediator:
         self, ctx: ServerRequestContext[Any, Any], call_next: CallNext
     ) -> HandlerResult:
         """Server middleware: refuse methods outside ``METHODS`` before the SDK."""
+        if ctx.method == "initialize":
+            result = await call_next(ctx)
+            self.sessions.note_opening(ctx, result)
+            return result
         if ctx.method in METHODS:
             self.sessions.note(ctx)
             if ctx.method == "notifications/cancelled":

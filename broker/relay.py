@@ -122,7 +122,33 @@ class AgentSessions:
             return  # before initialize has been answered
         capabilities = client.capabilities
         asks = capabilities.sampling is not None or capabilities.elicitation is not None
-        self._known[session] = AgentSession(ctx.protocol_version, asks)
+        self._remember(session, AgentSession(ctx.protocol_version, asks))
+
+    def note_opening(self, ctx: ServerRequestContext[Any, Any], result: Any) -> None:
+        """Remember a session from its ``initialize``, before the answer leaves.
+
+        The agent may call right after; noting it only when the next request
+        arrives would leave that call to the SDK. The SDK keeps the new
+        session's id on its connection alone, which has no public accessor;
+        without it the session is noted at its next request, as above.
+        """
+        connection = getattr(ctx.session, "_connection", None)
+        session = getattr(connection, "session_id", None)
+        version = result.get("protocolVersion") if isinstance(result, dict) else None
+        params = ctx.params if isinstance(ctx.params, dict) else {}
+        if not isinstance(session, str) or not isinstance(version, str):
+            return
+        try:
+            declared = types.ClientCapabilities.model_validate(
+                params.get("capabilities", {}), by_name=False
+            )
+        except ValueError:
+            return
+        asks = declared.sampling is not None or declared.elicitation is not None
+        self._remember(session, AgentSession(version, asks))
+
+    def _remember(self, session: str, known: AgentSession) -> None:
+        self._known[session] = known
         while len(self._known) > self._limit:
             self._known.popitem(last=False)
 

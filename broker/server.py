@@ -109,6 +109,7 @@ def build_broker(config: BrokerConfig, *, store: Store | None = None) -> Broker:
             on_server_request=mediator.server_request,
             on_tools=mediator.check_tools,
             on_notice=mediator.notice,
+            wire=config.lean_path,
         )
         for name, m in manifests.items()
     }

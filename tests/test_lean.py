@@ -213,6 +213,18 @@ async def test_every_kind_of_answer_is_the_same_on_both_paths(pair: Pair) -> Non
     assert lean_calls(pair.sdk) == 0
 
 
+async def test_the_wire_session_opens_before_the_first_call(pair: Pair) -> None:
+    """Only the lean broker opens a session of its own, and before it is asked."""
+    opened = "downstream relay: calls go on a session of the broker's own"
+    for _ in range(100):
+        if opened in pair.lean.log():
+            break
+        await anyio.sleep(0.05)
+    assert opened in pair.lean.log()
+    assert opened not in pair.sdk.log()
+    assert lean_calls(pair.lean) == 0
+
+
 async def test_a_listing_is_the_same_on_both_paths(
     pair: Pair, live_idp: LocalIdP
 ) -> None:
