@@ -352,6 +352,7 @@ class Downstream:
                 timeout=self.call_timeout,
                 max_connections=self.manifest.max_sessions,
                 on_notice=self._wire_notice,
+                unrelayed=self._unrelayed,
             )
             with anyio.fail_after(self.connect_timeout):
                 tools = await wire.open()
@@ -370,6 +371,7 @@ class Downstream:
                 await wire.aclose()
             return None
         log.info("downstream %s: calls go on a session of the broker's own", self.name)
+        self._tasks_start(wire.listen)
         return wire
 
     async def _open_wire(self) -> None:

@@ -233,6 +233,7 @@ class Pool:
         self._ssl = (ssl_context or ssl.create_default_context()) if https else None
         self._origin = f"{parts.scheme}://{parts.netloc}"
         self._head = f"POST {target} HTTP/1.1\r\nHost: {parts.netloc}\r\n".encode()
+        self._get = f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\n".encode()
         self._connect_timeout = connect_timeout
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: list[_Connection] = []
@@ -289,6 +290,22 @@ class Pool:
                 raise self._timed_out(timeout) from None
             raise
         return StreamedResponse(self, conn, exchange, deadline, timeout)
+
+    async def listen(self, headers: Sequence[tuple[str, str]]) -> StreamedResponse:
+        """GET the endpoint on a connection of its own, for a stream with no end set.
+
+        The connection is outside ``max_connections`` and is never reused:
+        such a stream lasts as long as the server keeps it open. Waiting for
+        its head is bounded by the connect timeout.
+        """
+        request = b"".join((self._get, _header_block(headers), b"\r\n"))
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                conn = await self._connect()
+                exchange = await self._start(conn, request, whole=False)
+        except TimeoutError:
+            raise self._timed_out(self._connect_timeout) from None
+        return StreamedResponse(self, conn, exchange, None, 0.0, slot=False)
 
     async def aclose(self) -> None:
         """Close the idle connections; busy ones close when their answer ends."""
@@ -397,9 +414,12 @@ class StreamedResponse:
         pool: Pool,
         conn: _Connection,
         exchange: _Exchange,
-        deadline: float,
+        deadline: float | None,
         timeout: float,
+        *,
+        slot: bool = True,
     ) -> None:
+        """``deadline`` None: no end set; ``slot``: it holds one of the pool's."""
         self.status = exchange.status
         self.headers: Mapping[str, str] = exchange.headers
         self._pool = pool
@@ -407,6 +427,7 @@ class StreamedResponse:
         self._exchange = exchange
         self._deadline = deadline
         self._timeout = timeout
+        self._slot = slot
         if exchange.done:
             self._settle()
 
@@ -469,9 +490,13 @@ class StreamedResponse:
     def _settle(self) -> None:
         """Hand the connection and its slot back to the pool, once."""
         conn, self._conn = self._conn, None
-        if conn is not None:
+        if conn is None:
+            return
+        if self._slot:
             self._pool._release(conn, self._exchange)
             self._pool._slots.release()
+        else:
+            conn.abort()
 
 
 class _SseDecoder:

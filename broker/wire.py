@@ -58,13 +58,19 @@ REPLY_CONNECTIONS = 2
 CANCEL_SECONDS = 1.0
 CLIENT_INFO = {"name": "mcp-broker", "version": __version__}
 NoticeHandler = Callable[[types.ServerNotification], Awaitable[None]]
+# Answers a sampling or elicitation request the server sends outside any call.
+UnrelayedHandler = Callable[[str, Any], Awaitable[Any]]
+# A standing stream the server ended, or that failed, is opened again after this.
+LISTEN_RETRY_SECONDS = 1.0
 
 _notices: pydantic.TypeAdapter[types.ServerNotification] = pydantic.TypeAdapter(
     types.ServerNotification
 )
-_elicit: pydantic.TypeAdapter[types.ElicitRequestParams] = pydantic.TypeAdapter(
-    types.ElicitRequestParams
-)
+KINDS = {"sampling/createMessage": "sample", "elicitation/create": "elicit"}
+_asked: dict[str, pydantic.TypeAdapter[Any]] = {
+    "sampling/createMessage": pydantic.TypeAdapter(types.CreateMessageRequestParams),
+    "elicitation/create": pydantic.TypeAdapter(types.ElicitRequestParams),
+}
 
 
 class WireFailed(Exception):
@@ -87,7 +93,9 @@ class WireSession:
         timeout: float,
         max_connections: int,
         on_notice: NoticeHandler | None = None,
+        unrelayed: UnrelayedHandler | None = None,
     ) -> None:
+        """``unrelayed`` answers what the server asks outside any call."""
         self.name = name
         self._credentials = credentials
         self._timeout = timeout
@@ -96,13 +104,15 @@ class WireSession:
         # their own: every call's stream may be holding one of the others.
         self._replies = Pool(url, max_connections=REPLY_CONNECTIONS)
         self._on_notice = on_notice
+        self._unrelayed = unrelayed
+        self._listening = anyio.CancelScope()
         self._ids = itertools.count(1)
         self._session: str | None = None
         self._version = LATEST_HANDSHAKE_VERSION
         self._schemas: dict[str, Mapping[str, Any]] = {}
         self._validators: dict[str, Validator] = {}
-        # Cleared when a request failed without an answer: the session is
-        # then not used again.
+        # Cleared by whoever gives the session up (a failed request, a server
+        # that forgot it, aclose); it is then not used again.
         self.sound = True
 
     # ---- opening ----------------------------------------------------------
@@ -156,9 +166,12 @@ class WireSession:
         request_id = next(self._ids)
         try:
             message, _ = await self._exchange(request_id, "tools/call", params, relay)
-        except anyio.get_cancelled_exc_class():
+        except SessionGone:
+            raise  # the server never took the call
+        except (HttpError, WireFailed, anyio.get_cancelled_exc_class()):
             # As the SDK's client does when it gives up on a request (the
-            # agent cancelled it, or the call timed out): tell the server.
+            # agent cancelled it, it timed out, its answer never came): the
+            # server may still be working on it, so tell it.
             with anyio.CancelScope(shield=True), anyio.move_on_after(CANCEL_SECONDS):
                 await self._cancelled(request_id)
             raise
@@ -263,16 +276,28 @@ class WireSession:
     ) -> types.Result | types.ErrorData:
         if method == "ping":
             return types.EmptyResult()
-        if relay is not None and method == "sampling/createMessage":
-            sampled: types.Result | types.ErrorData = await relay.sample(
-                types.CreateMessageRequestParams.model_validate(params)
+        kind = KINDS.get(method)
+        if kind is None:
+            return types.ErrorData(
+                code=types.METHOD_NOT_FOUND, message="Method not found"
             )
-            return sampled
-        if relay is not None and method == "elicitation/create":
-            elicited: types.Result | types.ErrorData = await relay.elicit(
-                _elicit.validate_python(params)
+        try:
+            asked = _asked[method].validate_python(params)
+        except pydantic.ValidationError:
+            # As the SDK's client answers a request it cannot read.
+            return types.ErrorData(
+                code=types.INVALID_PARAMS, message="Invalid request parameters", data=""
             )
-            return elicited
+        if relay is not None:
+            relayed: types.Result | types.ErrorData = await (
+                relay.sample(asked) if kind == "sample" else relay.elicit(asked)
+            )
+            return relayed
+        if self._unrelayed is not None:
+            unrelayed: types.Result | types.ErrorData = await self._unrelayed(
+                kind, asked
+            )
+            return unrelayed
         return types.ErrorData(code=types.METHOD_NOT_FOUND, message="Method not found")
 
     async def _send_reply(
@@ -319,8 +344,44 @@ class WireSession:
             headers.append(credential)
         return headers
 
+    async def listen(self) -> None:
+        """Take what the server sends outside any call, until the session closes.
+
+        That is the standing event stream of Streamable HTTP: notices (a
+        resource update, a list change) go to the notice handler, requests
+        to ``unrelayed``. A server that offers no such stream (405) is left
+        alone; one that forgot the session gives the session up.
+        """
+        with self._listening:
+            while self.sound:
+                try:
+                    if not await self._listen_once():
+                        return
+                except (HttpError, WireFailed) as exc:
+                    log.debug("server %s: standing stream: %s", self.name, exc)
+                await anyio.sleep(LISTEN_RETRY_SECONDS)
+
+    async def _listen_once(self) -> bool:
+        """Read the standing stream once; False when there is none to come back to."""
+        headers = [h for h in await self._headers() if h[0] != "content-type"]
+        headers = [("accept", EVENTS) if h[0] == "accept" else h for h in headers]
+        response = await self._pool.listen(headers)
+        try:
+            if response.status == 404:
+                self.sound = False
+                return False
+            if response.status != 200:
+                return False
+            async for event in response.events():
+                if event.data:
+                    await self._incoming(_message(event.data.encode()), None)
+        finally:
+            await response.aclose()
+        return True
+
     async def aclose(self) -> None:
         self.sound = False
+        self._listening.cancel()
         await self._pool.aclose()
         await self._replies.aclose()
 

@@ -43,7 +43,9 @@ PULL = ("manifest", "pull", "relay")
 RELAY_SERVER = Path(__file__).resolve().parent / "relay_server.py"
 POLICY = """
 permit (principal, action in Action::"call_tool", resource);
-forbid (principal, action == Action::"call:relay.bump", resource);
+forbid (principal, action == Action::"call:relay.bump", resource)
+  unless { principal == User::"rita" };
+permit (principal, action == Action::"read_resource", resource);
 permit (principal == Server::"relay", action == Action::"sample", resource);
 forbid (principal == User::"mallory", action == Action::"call:relay.chatty", resource);
 """
@@ -258,6 +260,28 @@ async def test_a_listing_is_the_same_on_both_paths(
         ("mallory", "allow", "5 of 7"),
         ("alice", "allow", "6 of 7"),
     ]
+
+
+async def test_a_resource_update_caused_by_a_lean_call_reaches_the_follower(
+    pair: Pair, live_idp: LocalIdP
+) -> None:
+    """The server announces off any call's stream; the broker's own session hears it."""
+    rita = live_idp.token(live_idp.claims(sub="rita"))
+    for broker in (pair.lean, pair.sdk):
+        updated = anyio.Event()
+
+        async def on_message(message: Any, updated: anyio.Event = updated) -> None:
+            if isinstance(message, types.ResourceUpdatedNotification):
+                updated.set()
+
+        async with agent(broker.url, rita, message_handler=on_message) as client:
+            await client.subscribe_resource("relay://counter")
+            bumped = await client.call_tool("relay.bump", {})
+            with anyio.fail_after(10):
+                await updated.wait()
+            await client.unsubscribe_resource("relay://counter")
+        assert not bumped.is_error
+    assert lean_calls(pair.lean) == 1
 
 
 async def test_log_messages_reach_the_agent_on_the_lean_path(pair: Pair) -> None:
