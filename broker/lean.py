@@ -329,8 +329,10 @@ class _Answer:
     def __init__(self, send: Send, session: str | None) -> None:
         self._send = send
         self._headers = list(SSE_HEADERS)
+        self._json_headers = [(b"content-type", b"application/json")]
         if session is not None:
             self._headers.append((b"mcp-session-id", session.encode("latin-1")))
+            self._json_headers.append((b"mcp-session-id", session.encode("latin-1")))
         self._started = False
 
     async def event(self, message: bytes) -> None:
@@ -339,10 +341,18 @@ class _Answer:
         await self._send_body(_frame(message), more=True)
 
     async def finish(self, message: bytes) -> None:
-        body = _frame(message)
-        if not self._started:
-            await self._start(len(body))
-        await self._send_body(body, more=False)
+        if self._started:
+            await self._send_body(_frame(message), more=False)
+            return
+        # Nothing went out before the answer: one JSON body, which the agent's
+        # client reads to its end and so keeps its connection for the next call.
+        self._started = True
+        headers = [
+            *self._json_headers,
+            (b"content-length", str(len(message)).encode()),
+        ]
+        await self._send({"type": "http.response.start", "status": 200, "headers": headers})
+        await self._send_body(message, more=False)
 
     async def _start(self, length: int | None) -> None:
         self._started = True

@@ -25,6 +25,8 @@ import anyio
 import httpx2
 import mcp.types as types
 import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 from mcp.server.streamable_http import REQUEST_CANCELLED
 from mcp.shared.exceptions import MCPError
 
@@ -359,6 +361,14 @@ async def raw_session(
         yield http, session
 
 
+def message_of(response: httpx2.Response) -> Any:
+    """The one JSON-RPC message in an answer, sent as JSON or as an event stream."""
+    if response.headers["content-type"] == "application/json":
+        return response.json()
+    data = response.text.split("data: ", 1)[1].strip()
+    return httpx2.Response(200, content=data).json()
+
+
 def call(request_id: int, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
     params = {"name": name, "arguments": arguments}
     return {
@@ -384,9 +394,37 @@ async def test_a_session_is_answered_only_for_its_opener(
     assert own.status_code == 200
     assert '"name":"a"' in own.text.replace(" ", "")
     assert own.headers["mcp-session-id"] == session
-    assert own.headers["content-type"].startswith("text/event-stream")
+    assert own.headers["content-type"] == "application/json"
     assert stolen.status_code == 404
     assert lean_calls(pair.lean) == 1
+
+
+async def test_plain_answers_keep_the_agents_connection(pair: Pair) -> None:
+    """A lean answer with nothing streamed before it is one JSON body, read to its end.
+
+    The SDK's client stops reading an event stream at the answer, which
+    costs it its connection; a JSON body lets the next call reuse it.
+    """
+    calls: list[object] = []
+
+    async def note_connection(response: httpx2.Response) -> None:
+        if b'"tools/call"' in response.request.content:
+            stream = response.extensions["network_stream"]
+            calls.append(stream.get_extra_info("client_addr"))
+
+    headers = {"Authorization": f"Bearer {pair.token}"}
+    hooks = {"response": [note_connection]}
+    async with httpx2.AsyncClient(
+        headers=headers, timeout=30.0, event_hooks=hooks
+    ) as http:
+        transport = streamable_http_client(pair.lean.url, http_client=http)
+        async with Client(transport, mode="legacy", cache=None) as client:
+            for number in range(5):
+                result = await client.call_tool("relay.named", {"name": f"n{number}"})
+                assert f"n{number}" in str(result.content)
+    assert lean_calls(pair.lean) == 5
+    assert len(calls) == 5
+    assert len(set(calls)) == 1, f"the calls used {len(set(calls))} connections"
 
 
 async def test_a_cancelled_lean_call_is_answered_as_cancelled(pair: Pair) -> None:
@@ -413,8 +451,7 @@ async def test_a_cancelled_lean_call_is_answered_as_cancelled(pair: Pair) -> Non
                     "params": {"requestId": 5, "reason": "user gave up"},
                 }
                 await http.post(broker.url, json=cancel)
-        data = answer[0].text.split("data: ", 1)[1].strip()
-        answers[broker.url] = httpx2.Response(200, content=data).json()
+        answers[broker.url] = message_of(answer[0])
     assert answers[pair.lean.url] == answers[pair.sdk.url]
     assert answers[pair.lean.url]["error"]["code"] == REQUEST_CANCELLED
     assert lean_calls(pair.lean) == 1
