@@ -320,10 +320,12 @@ class LeanRelay:
 
 
 class _Answer:
-    """One call's answer as the SDK sends it: an event stream of JSON-RPC messages.
+    """One call's answer: an event stream of JSON-RPC messages, or one JSON body.
 
-    Nothing is sent until there is something to send; a call with no log
-    messages goes out as one body of known length.
+    Nothing is sent until there is something to send. A call whose server
+    sent log messages on the way is an event stream, as the SDK sends it; an
+    answer with nothing before it is one JSON body, which Streamable HTTP
+    allows a server to send instead.
     """
 
     def __init__(self, send: Send, session: str | None) -> None:
@@ -337,7 +339,7 @@ class _Answer:
 
     async def event(self, message: bytes) -> None:
         if not self._started:
-            await self._start(None)
+            await self._start(self._headers)
         await self._send_body(_frame(message), more=True)
 
     async def finish(self, message: bytes) -> None:
@@ -346,19 +348,12 @@ class _Answer:
             return
         # Nothing went out before the answer: one JSON body, which the agent's
         # client reads to its end and so keeps its connection for the next call.
-        self._started = True
-        headers = [
-            *self._json_headers,
-            (b"content-length", str(len(message)).encode()),
-        ]
-        await self._send({"type": "http.response.start", "status": 200, "headers": headers})
+        length = (b"content-length", str(len(message)).encode())
+        await self._start([*self._json_headers, length])
         await self._send_body(message, more=False)
 
-    async def _start(self, length: int | None) -> None:
+    async def _start(self, headers: list[tuple[bytes, bytes]]) -> None:
         self._started = True
-        headers = self._headers
-        if length is not None:
-            headers = [*headers, (b"content-length", str(length).encode())]
         start: Message = {"type": "http.response.start", "status": 200}
         start["headers"] = headers
         await self._send(start)

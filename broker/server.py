@@ -7,6 +7,7 @@ verifier. Any problem is a ConfigError and the broker does not start.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 import warnings
@@ -163,6 +164,10 @@ def build_broker(config: BrokerConfig, *, store: Store | None = None) -> Broker:
             with anyio.move_on_after(STARTUP_CONNECT_SECONDS):
                 for downstream in downstreams.values():
                     await downstream.wait_connected()
+            # What start-up built (modules, policies, schema, catalog) lasts as
+            # long as the process; frozen, a full collection no longer walks it.
+            gc.collect()
+            gc.freeze()
             yield
             for downstream in downstreams.values():
                 downstream.stop()
