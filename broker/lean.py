@@ -330,11 +330,11 @@ class _Answer:
 
     def __init__(self, send: Send, session: str | None) -> None:
         self._send = send
-        self._headers = list(SSE_HEADERS)
-        self._json_headers = [(b"content-type", b"application/json")]
-        if session is not None:
-            self._headers.append((b"mcp-session-id", session.encode("latin-1")))
-            self._json_headers.append((b"mcp-session-id", session.encode("latin-1")))
+        named = (
+            [] if session is None else [(b"mcp-session-id", session.encode("latin-1"))]
+        )
+        self._headers = [*SSE_HEADERS, *named]
+        self._json_headers = [(b"content-type", b"application/json"), *named]
         self._started = False
 
     async def event(self, message: bytes) -> None:

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,16 +213,20 @@ async def agent(
     *,
     mode: str = "legacy",
     headers: dict[str, str] | None = None,
+    event_hooks: dict[str, list[Callable[..., Any]]] | None = None,
     **callbacks: Any,
 ) -> AsyncIterator[Client]:
     """The SDK's own client, as an agent would hold it, pointed at ``url``.
 
+    ``event_hooks`` go to its HTTP client, to watch the exchanges;
     ``callbacks`` are the client's own (``sampling_callback`` and the like).
     """
     all_headers = dict(headers or {})
     if token is not None:
         all_headers["Authorization"] = f"Bearer {token}"
-    async with httpx2.AsyncClient(headers=all_headers, timeout=30.0) as http:
+    async with httpx2.AsyncClient(
+        headers=all_headers, timeout=30.0, event_hooks=event_hooks
+    ) as http:
         transport = streamable_http_client(url, http_client=http)
         async with Client(transport, mode=mode, cache=None, **callbacks) as client:  # type: ignore[arg-type]
             yield client

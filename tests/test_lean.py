@@ -25,8 +25,6 @@ import anyio
 import httpx2
 import mcp.types as types
 import pytest
-from mcp import Client
-from mcp.client.streamable_http import streamable_http_client
 from mcp.server.streamable_http import REQUEST_CANCELLED
 from mcp.shared.exceptions import MCPError
 
@@ -412,16 +410,11 @@ async def test_plain_answers_keep_the_agents_connection(pair: Pair) -> None:
             stream = response.extensions["network_stream"]
             calls.append(stream.get_extra_info("client_addr"))
 
-    headers = {"Authorization": f"Bearer {pair.token}"}
     hooks = {"response": [note_connection]}
-    async with httpx2.AsyncClient(
-        headers=headers, timeout=30.0, event_hooks=hooks
-    ) as http:
-        transport = streamable_http_client(pair.lean.url, http_client=http)
-        async with Client(transport, mode="legacy", cache=None) as client:
-            for number in range(5):
-                result = await client.call_tool("relay.named", {"name": f"n{number}"})
-                assert f"n{number}" in str(result.content)
+    async with agent(pair.lean.url, pair.token, event_hooks=hooks) as client:
+        for number in range(5):
+            result = await client.call_tool("relay.named", {"name": f"n{number}"})
+            assert f"n{number}" in str(result.content)
     assert lean_calls(pair.lean) == 5
     assert len(calls) == 5
     assert len(set(calls)) == 1, f"the calls used {len(set(calls))} connections"
